@@ -36,6 +36,59 @@ def _reference(args) -> None:
     _save_images(result.images, args.out)
 
 
+def _resolutions(text: str) -> tuple[tuple[int, int], ...]:
+    """'512,1024' -> ((512, 512), (1024, 1024)); 'WxH' entries give non-square sizes."""
+    sizes = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        width, _, height = item.partition("x")
+        if not (width.isdigit() and (not height or height.isdigit())):
+            raise UsageError(f"--resolution: cannot read {item!r}; use sizes like 512,1024 or 768x512")
+        sizes.append((int(width), int(height or width)))
+    return tuple(sizes)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, (part.strip() for part in text.split(","))))
+
+
+def _export(args) -> None:
+    from .export import ExportOptions, export_bundle
+
+    options = ExportOptions(
+        targets=_names(args.targets),
+        resolutions=_resolutions(args.resolution),
+        dtype=args.dtype,
+        graphs=_names(args.graphs),
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    manifest = export_bundle(args.checkpoint, args.out, options)
+    _print_summary(manifest, args.out)
+
+
+def _headline(figures: dict) -> tuple[str, float, bool]:
+    """The one figure that sums up an output's parity, and whether a larger value is worse."""
+    for key, larger_is_worse in (("agreement", False), ("psnr_db", False), ("max_abs", True)):
+        if key in figures:
+            value = figures[key]
+            return key, float("inf") if value == "inf" else value, larger_is_worse
+    raise KeyError(figures)
+
+
+def _print_summary(manifest: dict, out: Path) -> None:
+    print(f"\nwrote {out} in {manifest['export_seconds']} s")
+    print(f"{'graph':<14}{'target':<8}{'variant':<9}{'MB':>9}  parity (worst over the validation inputs)")
+    for graph in manifest["graphs"]:
+        worst = {}
+        for case in graph["parity"]:
+            for name, figures in case["outputs"].items():
+                key, value, larger_is_worse = _headline(figures)
+                if name not in worst or (value > worst[name][1]) == larger_is_worse:
+                    worst[name] = (key, value)
+        parity = ", ".join(f"{name} {key}={value:.4g}" for name, (key, value) in worst.items())
+        print(f"{graph['name']:<14}{graph['target']:<8}{graph['variant']:<9}{graph['bytes'] / 1e6:>9.1f}  {parity}")
+
+
 def _save_images(images, out: Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +100,8 @@ def _save_images(images, out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from reference.presets import PRESETS
+
+    from .graphs import GRAPHS
 
     parser = argparse.ArgumentParser(prog="meissonic-export", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--out", type=Path, default=Path("reference.png"))
     ref.set_defaults(run=_reference)
+    exp = commands.add_parser(
+        "export",
+        help="export a checkpoint to a validated bundle (ONNX graphs, tokenizer, manifest)",
+        description="Export a checkpoint folder to a bundle: one folder per graph, the tokenizer and scheduler "
+        "files, and manifest.json (interfaces, versions, sha256 of every file, parity figures). Every graph is "
+        "validated against the PyTorch reference right after export; a failure stops the export and no bundle "
+        "is left behind.",
+    )
+    exp.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
+    exp.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    exp.add_argument("--targets", default="onnx", help="comma-separated: onnx (default: onnx)")
+    exp.add_argument("--resolution", default="512,1024", help="image sizes to support and validate, e.g. 512,1024 or 768x512 (default: 512,1024)")
+    exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="base precision of the graphs (default: fp32)")
+    exp.add_argument("--graphs", default=",".join(GRAPHS), help=f"comma-separated subset of {','.join(GRAPHS)} (default: all)")
+    exp.add_argument("--seed", type=int, default=0, help="seed of the generated validation inputs")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically, after success)")
+    exp.set_defaults(run=_export)
     return parser
 
 
@@ -85,9 +157,11 @@ def main(argv=None) -> int:
     from reference.checkpoint import CheckpointError
     from runtimes.images import ImageInputError
 
+    from .export import ExportError
+
     try:
         args.run(args)
-    except (UsageError, CheckpointError, ImageInputError, FileExistsError, ValueError) as error:
+    except (UsageError, ExportError, CheckpointError, ImageInputError, FileExistsError, ValueError) as error:
         print(f"meissonic-export {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

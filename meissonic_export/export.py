@@ -1,0 +1,267 @@
+"""checkpoint folder -> bundle: export every graph, validate it against the reference, write the manifest.
+
+The bundle is written into a hidden staging folder beside the destination and moved into place only
+when every graph has passed validation, so an interrupted or failed export never leaves a folder that
+looks like a bundle (the manifest, written last, is what makes a folder a bundle).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from reference.checkpoint import COMPONENTS, _check_folder, load_component, read_config
+from reference.pipeline import load_scheduler, load_tokenizer
+from runtimes.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from runtimes.onnx_backend import OnnxGraph
+
+from .graphs import GRAPHS, GraphSpec, ModelInfo
+from .validate import BUDGETS, reference_outputs, validate
+
+TARGETS = ("onnx",)
+DTYPES = ("fp32", "fp16")
+
+
+class ExportError(Exception):
+    """An export that cannot start or did not validate; the message says why."""
+
+
+@dataclass
+class ExportOptions:
+    targets: tuple[str, ...] = ("onnx",)
+    resolutions: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024))  # (width, height) in pixels
+    dtype: str = "fp32"
+    graphs: tuple[str, ...] = tuple(GRAPHS)
+    seed: int = 0  # of the validation inputs
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def variants(self) -> list[str]:
+        return [self.dtype]
+
+
+@dataclass
+class ValidationCase:
+    """Inputs a graph is validated on, with the reference outputs computed once for every variant."""
+
+    label: dict
+    inputs: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def check_options(checkpoint: Path, out: Path, options: ExportOptions) -> None:
+    """Everything that can be refused before any work starts."""
+    unknown = [t for t in options.targets if t not in TARGETS]
+    if unknown:
+        raise ExportError(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
+    if options.dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {options.dtype!r}; choose from {list(DTYPES)}")
+    unknown = [g for g in options.graphs if g not in GRAPHS]
+    if unknown:
+        raise ExportError(f"unknown graph(s) {unknown}; choose from {list(GRAPHS)}")
+    if not options.resolutions:
+        raise ExportError("no resolution given")
+    _check_folder(checkpoint)
+    if Path(out).exists() and not options.overwrite:
+        raise ExportError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
+def check_resolutions(resolutions, scale_factor: int) -> None:
+    step = 2 * scale_factor  # an even token grid
+    for width, height in resolutions:
+        if width % step or height % step or width <= 0 or height <= 0:
+            raise ExportError(f"resolution {width}x{height} is not a positive multiple of {step} pixels (an even token grid)")
+
+
+def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = None) -> dict:
+    """Export `checkpoint` into the bundle folder `out`; returns the manifest."""
+    options = options or ExportOptions()
+    checkpoint, out = Path(checkpoint), Path(out)
+    check_options(checkpoint, out, options)
+    check_resolutions(options.resolutions, read_config(checkpoint, "vqvae").scale_factor)
+    started = time.time()
+    components = {name: load_component(checkpoint, name) for name in COMPONENTS}
+    tokenizer, scheduler = load_tokenizer(checkpoint), load_scheduler(checkpoint)
+    info = ModelInfo.from_components(components)
+    rng = np.random.default_rng(options.seed)
+    work = [(target, GRAPHS[name]) for target in options.targets for name in options.graphs]
+    with _staging(out, options.overwrite) as staging, tqdm(total=len(work), disable=not options.progress, unit="graph") as bar:
+        shutil.copytree(checkpoint / "tokenizer", staging / "tokenizer")
+        shutil.copytree(checkpoint / "scheduler", staging / "scheduler")
+        entries = []
+        for target, spec in work:
+            bar.set_description(f"{target} {spec.name}")
+            module = spec.build(components)
+            cases = _validation_cases(spec, module, info, options.resolutions, rng)
+            entries += _export_onnx_graph(spec, module, info, cases, staging, options, bar)
+            bar.update()
+        manifest = _manifest(checkpoint, components, tokenizer, scheduler, info, options, entries, staging)
+        manifest["export_seconds"] = round(time.time() - started, 1)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _validation_cases(spec: GraphSpec, module, info: ModelInfo, resolutions, rng) -> list[ValidationCase]:
+    """One image at every resolution, plus two images at the first (dynamic batch); text: two prompts."""
+    if "height" not in spec.dims:
+        cases = [ValidationCase({"batch": 2}, spec.sample(info, {"batch": 2}, rng))]
+    else:
+        f = info.vae_scale_factor
+        sizes = [(1, w, h) for w, h in resolutions] + [(2, *resolutions[0])]
+        cases = [
+            ValidationCase({"batch": b, "resolution": [w, h]}, spec.sample(info, {"batch": b, "height": h // f, "width": w // f}, rng))
+            for b, w, h in sizes
+        ]
+    for case in cases:
+        case.expected = reference_outputs(spec, module, case.inputs)
+    return cases
+
+
+def run_validation(spec: GraphSpec, module, run, cases: list[ValidationCase], variant: str, budget=None) -> list[dict]:
+    """Validate one exported variant on every case; raises ExportError with the full report on failure."""
+    budget = budget or BUDGETS[variant]
+    reports = [{**case.label, **validate(spec, module, run, case.inputs, budget, case.expected)} for case in cases]
+    failures = [f"  {r.get('resolution', '')} batch {r['batch']}: {f}" for r in reports for f in r["failures"]]
+    if failures:
+        raise ExportError(f"{spec.name} ({variant}) failed validation against the reference:\n" + "\n".join(failures))
+    for report in reports:
+        del report["failures"]
+    return reports
+
+
+def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging: Path, options: ExportOptions, bar) -> list[dict]:
+    from .onnx_export import OPSET, export_onnx, onnx_files, trace_inputs
+
+    shapes = spec.shapes(info)
+    folder = staging / "onnx" / "fp32" / spec.name
+    bar.set_postfix_str("exporting")
+    path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), folder, shapes)
+    entries = []
+    for variant in options.variants:
+        if variant == "fp16":
+            path = _to_fp16(path, staging / "onnx" / "fp16" / spec.name)
+        bar.set_postfix_str(f"validating {variant}")
+        parity = run_validation(spec, module, OnnxGraph(path), cases, variant)
+        files = onnx_files(path)
+        entries.append({
+            "name": spec.name, "target": "onnx", "variant": variant,
+            "path": _relative(path, staging), "files": [_relative(f, staging) for f in files],
+            "bytes": sum(f.stat().st_size for f in files), "opset": OPSET,
+            "precision": {"weights": "float16" if variant == "fp16" else "float32", "inputs_outputs": "as declared"},
+            "description": spec.description, **spec.interface(info),
+            "parity": parity, "budget": BUDGETS[variant].to_dict(),
+        })  # fmt: skip
+    return entries
+
+
+def _to_fp16(path: Path, out_dir: Path) -> Path:
+    """float32 ONNX -> float16 weights and arithmetic, float32 inputs/outputs (onnxruntime's converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from .onnx_export import EXTERNAL_DATA_BYTES
+    from .onnx_export import onnx_files
+
+    fp16_bytes = sum(f.stat().st_size for f in onnx_files(path)) // 2
+    converted = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "model.onnx"
+    onnx.save(converted, str(out), save_as_external_data=fp16_bytes > EXTERNAL_DATA_BYTES, location="model.onnx.data")
+    onnx.checker.check_model(str(out), full_check=True)
+    shutil.rmtree(path.parent)
+    return out
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _versions() -> dict:
+    names = ["torch", "transformers", "onnx", "onnxscript", "onnxruntime", "coremltools", "numpy", "tokenizers", "safetensors"]
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ["meissonic-export", *names]:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _manifest(checkpoint, components, tokenizer, scheduler, info: ModelInfo, options, entries, staging: Path) -> dict:
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tool": _versions(),
+        "source": {
+            "checkpoint": str(checkpoint.resolve()),
+            "configs": {name: COMPONENTS[name].config_dict(module.config) for name, module in components.items()},
+            "weights_sha256": {
+                f"{c.folder}/{c.weights}": sha256_file(checkpoint / c.folder / c.weights) for c in COMPONENTS.values()
+            },
+        },
+        "model": {
+            "codebook_size": info.codebook_size,
+            "vocab_size": components["transformer"].config.vocab_size,
+            "mask_token_id": scheduler.mask_token_id,
+            "vae_scale_factor": info.vae_scale_factor,
+            "text_positions": 77,
+            "joint_attention_dim": info.joint_attention_dim,
+            "pooled_projection_dim": info.pooled_projection_dim,
+            "pad_token_id": tokenizer.pad_token_id,
+            "masking_schedule": "cosine",
+            "defaults": {"steps": 48, "guidance_scale": 9.0, "temperature": [2.0, 0.0], "aesthetic_score": 6.0},
+        },
+        "resolutions": [list(r) for r in options.resolutions],
+        "base_variant": options.dtype,
+        "graphs": entries,
+        "files": {_relative(p, staging): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
+    }
+
+
+@contextmanager
+def _staging(out: Path, overwrite: bool):
+    """Yield a hidden folder beside `out`; move it to `out` on success, delete it on any failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            if not overwrite:
+                raise ExportError(f"{out}: appeared during the export; not replacing it")
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            staging.rename(out)
+            shutil.rmtree(trash)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,309 @@
+"""The exported graphs: their public interface, declared once, and the torch modules that implement them.
+
+Each `GraphSpec` names its inputs and outputs with dtypes and symbolic shapes (in the manner of optimum's
+`OnnxConfig`), says how to make sample inputs for validation, and how each output is compared with the
+reference. The ONNX and Core ML exporters, the validation routine, the manifest and the README table
+all read these declarations; nothing else restates the interface.
+
+Symbolic dims: `batch` images, `height` x `width` the token grid (16x smaller than the image).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from reference.scheduler import categorical_by_inverse_cdf
+from reference.transformer import TEXT_POSITIONS
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "float32" or "int64" (token ids; Core ML uses int32)
+    shape: tuple  # ints and symbolic expressions of batch/height/width
+    kind: str = "float"  # how validation compares it: "float", "image", "ids"
+    doc: str = ""
+
+
+def resolve_shape(shape: tuple, constants: dict[str, int]) -> tuple:
+    """Fill in a checkpoint's constants: ("batch", "J") -> ("batch", 1024); "F*height" -> "16*height"."""
+    resolved = []
+    for expr in shape:
+        if isinstance(expr, str):
+            expr = "*".join(str(constants.get(part, part)) for part in expr.split("*"))
+            expr = int(expr) if expr.isdigit() else expr
+        resolved.append(expr)
+    return tuple(resolved)
+
+
+@dataclass
+class ModelInfo:
+    """The checkpoint facts graphs and sample inputs need."""
+
+    codebook_size: int
+    mask_token_id: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    vae_scale_factor: int
+    text_vocab_size: int
+
+    def constants(self) -> dict[str, int]:
+        return {"J": self.joint_attention_dim, "P": self.pooled_projection_dim, "codebook": self.codebook_size, "F": self.vae_scale_factor}
+
+    @classmethod
+    def from_components(cls, components: dict[str, nn.Module]) -> ModelInfo:
+        t = components["transformer"].config
+        return cls(
+            codebook_size=t.codebook_size,
+            mask_token_id=t.mask_token_id,
+            joint_attention_dim=components["text_encoder"].config.hidden_size,
+            pooled_projection_dim=t.pooled_projection_dim,
+            vae_scale_factor=components["vqvae"].config.scale_factor,
+            text_vocab_size=components["text_encoder"].config.vocab_size,
+        )
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    component: str  # the checkpoint component the graph wraps
+    module: type[nn.Module]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str
+    sample: Callable[[ModelInfo, dict, np.random.Generator], dict[str, np.ndarray]]
+    # Per-position margin of an "ids" output: how far the reference is from choosing another id.
+    # Positions closer than `tie_threshold` may legitimately differ between backends.
+    tie_margin: Callable[[nn.Module, dict], np.ndarray] | None = None
+    tie_threshold: float = 0.0
+    dims: tuple[str, ...] = field(default=("batch", "height", "width"))
+
+    def build(self, components: dict[str, nn.Module]) -> nn.Module:
+        return self.module(components[self.component]).eval()
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def shapes(self, info: ModelInfo) -> dict[str, tuple]:
+        return {t.name: resolve_shape(t.shape, info.constants()) for t in (*self.inputs, *self.outputs)}
+
+    def interface(self, info: ModelInfo, dtype_map: dict[str, str] | None = None) -> dict:
+        """The JSON description written into the manifest (`dtype_map`: a target's own dtypes, e.g. int32)."""
+        dtype_map, shapes = dtype_map or {}, self.shapes(info)
+        describe = lambda t: {"name": t.name, "dtype": dtype_map.get(t.dtype, t.dtype), "shape": list(shapes[t.name]), "doc": t.doc}  # noqa: E731
+        return {"inputs": [describe(t) for t in self.inputs], "outputs": [describe(t) for t in self.outputs]}
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids)
+
+
+class TransformerGraph(nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep):
+        return self.transformer(tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep)
+
+
+class DenoiseStepGraph(nn.Module):
+    """One MaskGIT step up to the draw: transformer on [negative, positive] rows, guidance, softmax,
+    categorical draw by inverse CDF. Returns ids and log-probabilities only; the logits stay inside."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def probabilities(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale):
+        """-> probs [B, H*W, codebook] after guidance, exactly as the reference pipeline computes them."""
+        batch = tokens.shape[0]
+        logits = self.transformer(torch.cat([tokens, tokens]), encoder_hidden_states, pooled_projections, micro_conds, timestep)
+        # Slicing by the batch (not chunk(2)) keeps the batch symbolic when traced.
+        uncond, cond = logits[:batch], logits[batch:]
+        # The official pipeline skips guidance at scale <= 1 and uses the conditional logits alone.
+        logits = torch.where(guidance_scale > 1, uncond + guidance_scale * (cond - uncond), cond)
+        return logits.flatten(2).transpose(1, 2).softmax(dim=-1)
+
+    def forward(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale, uniforms):
+        probs = self.probabilities(tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale)
+        sampled = categorical_by_inverse_cdf(probs, uniforms)
+        log_probs = torch.log(torch.gather(probs, -1, sampled[..., None])[..., 0].clamp(1e-20))
+        return sampled, log_probs
+
+
+class VQDecoderGraph(nn.Module):
+    def __init__(self, vqvae):
+        super().__init__()
+        self.vqvae = vqvae
+
+    def forward(self, tokens):
+        return self.vqvae.decode(tokens).clamp(0, 1)
+
+
+class VQEncoderGraph(nn.Module):
+    def __init__(self, vqvae):
+        super().__init__()
+        self.vqvae = vqvae
+
+    def forward(self, image):
+        return self.vqvae.encode(image)
+
+
+# ---- sample inputs and tie margins ---------------------------------------------------------------
+
+
+def _float32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _grid_tokens(info: ModelInfo, dims, rng, masked_fraction: float) -> np.ndarray:
+    tokens = rng.integers(0, info.codebook_size, (dims["batch"], dims["height"], dims["width"]))
+    return np.where(rng.random(tokens.shape) < masked_fraction, info.mask_token_id, tokens).astype(np.int64)
+
+
+def _conditioning(info: ModelInfo, rows: int, dims, rng) -> dict[str, np.ndarray]:
+    size = info.vae_scale_factor
+    return {
+        "encoder_hidden_states": _float32(rng.standard_normal((rows, TEXT_POSITIONS, info.joint_attention_dim))),
+        "pooled_projections": _float32(rng.standard_normal((rows, info.pooled_projection_dim))),
+        "micro_conds": _float32([[size * dims["width"], size * dims["height"], 0, 0, 6]] * rows),
+        "timestep": _float32([7]),
+    }
+
+
+def _sample_text(info: ModelInfo, dims, rng) -> dict[str, np.ndarray]:
+    """Prompt-shaped ids: start token, 1-60 word ids, end token, end-token padding."""
+    bos, eos = info.text_vocab_size - 2, info.text_vocab_size - 1
+    ids = np.full((dims["batch"], TEXT_POSITIONS), eos, dtype=np.int64)
+    for row in ids:
+        length = int(rng.integers(1, 60))
+        row[0], row[1 : 1 + length] = bos, rng.integers(0, bos, length)
+    return {"input_ids": ids}
+
+
+def _sample_transformer(info, dims, rng):
+    return {"tokens": _grid_tokens(info, dims, rng, 0.5), **_conditioning(info, dims["batch"], dims, rng)}
+
+
+def _sample_denoise_step(info, dims, rng):
+    batch, positions = dims["batch"], dims["height"] * dims["width"]
+    return {
+        "tokens": _grid_tokens(info, dims, rng, 0.5),
+        **_conditioning(info, 2 * batch, dims, rng),
+        "guidance_scale": _float32([9.0]),
+        "uniforms": rng.random((batch, positions), dtype=np.float32),
+    }
+
+
+def _sample_vq_decoder(info, dims, rng):
+    return {"tokens": _grid_tokens(info, dims, rng, 0.0)}
+
+
+def _sample_vq_encoder(info, dims, rng):
+    """Smooth random images (low-frequency noise upsampled), closer to photographs than white noise."""
+    f, batch = info.vae_scale_factor, dims["batch"]
+    coarse = rng.random((batch, 3, dims["height"], dims["width"]), dtype=np.float32)
+    return {"image": np.ascontiguousarray(coarse.repeat(f, axis=2).repeat(f, axis=3))}
+
+
+def _cdf_margin(module: DenoiseStepGraph, inputs: dict) -> np.ndarray:
+    """Distance of each uniform to the nearest boundary of the reference CDF [B, H*W]."""
+    names = ["tokens", "encoder_hidden_states", "pooled_projections", "micro_conds", "timestep", "guidance_scale"]
+    with torch.no_grad():
+        cdf = module.probabilities(*(torch.from_numpy(inputs[n]) for n in names)).cumsum(-1)
+    return (cdf - torch.from_numpy(inputs["uniforms"])[..., None]).abs().min(-1).values.numpy()
+
+
+def _code_margin(module: VQEncoderGraph, inputs: dict) -> np.ndarray:
+    """Relative gap between the nearest and second-nearest code's squared distance [B, H, W]."""
+    vq = module.vqvae
+    with torch.no_grad():
+        z = vq.quant_conv(vq.encoder(torch.from_numpy(inputs["image"]))).permute(0, 2, 3, 1)
+        codes = vq.quantize.embedding.weight
+        distance = (z * z).sum(-1, keepdim=True) + (codes * codes).sum(-1) - 2 * z @ codes.t()
+        two = distance.topk(2, dim=-1, largest=False).values
+    return ((two[..., 1] - two[..., 0]) / two[..., 0].abs().clamp(min=1e-12)).numpy()
+
+
+# ---- the specs -----------------------------------------------------------------------------------
+
+_TOKENS = TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids", "current token ids; mask id = vocab_size - 1")
+_CONDITIONING = (
+    TensorSpec("encoder_hidden_states", "float32", ("rows", TEXT_POSITIONS, "J"), doc="penultimate CLIP hidden states"),
+    TensorSpec("pooled_projections", "float32", ("rows", "P"), doc="CLIP text_embeds"),
+    TensorSpec("micro_conds", "float32", ("rows", 5), doc="width, height, crop_x, crop_y, aesthetic score (6)"),
+    TensorSpec("timestep", "float32", (1,), doc="step index N-1 .. 0, as the official pipeline passes it"),
+)
+
+
+def _rows(specs: tuple[TensorSpec, ...], rows: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(t.name, t.dtype, tuple(rows if d == "rows" else d for d in t.shape), t.kind, t.doc) for t in specs)
+
+
+GRAPHS: dict[str, GraphSpec] = {
+    spec.name: spec
+    for spec in (
+        GraphSpec(
+            "text_encoder", "text_encoder", TextEncoderGraph,
+            inputs=(TensorSpec("input_ids", "int64", ("batch", TEXT_POSITIONS), "ids", "CLIP token ids, padded to 77"),),
+            outputs=(
+                TensorSpec("text_embeds", "float32", ("batch", "P"), doc="projected pooled output"),
+                TensorSpec("encoder_hidden_states", "float32", ("batch", TEXT_POSITIONS, "J"), doc="hidden_states[-2]"),
+            ),
+            description="CLIP text tower: token ids -> pooled embedding and penultimate hidden states",
+            sample=_sample_text, dims=("batch",),
+        ),
+        GraphSpec(
+            "transformer", "transformer", TransformerGraph,
+            inputs=(_TOKENS, *_rows(_CONDITIONING, "batch")),
+            outputs=(TensorSpec("logits", "float32", ("batch", "codebook", "height", "width")),),
+            description="the raw transformer forward (parity and debugging)",
+            sample=_sample_transformer,
+        ),
+        GraphSpec(
+            "denoise_step", "transformer", DenoiseStepGraph,
+            inputs=(
+                _TOKENS,
+                *_rows(_CONDITIONING, "2*batch"),
+                TensorSpec("guidance_scale", "float32", (1,), doc="classifier-free guidance; <= 1 uses the positive rows alone"),
+                TensorSpec("uniforms", "float32", ("batch", "height*width"), doc="one uniform per position for the categorical draw"),
+            ),
+            outputs=(
+                TensorSpec("sampled_tokens", "int64", ("batch", "height*width"), "ids", "drawn ids (before keeping known tokens)"),
+                TensorSpec("log_probs", "float32", ("batch", "height*width"), doc="log of the drawn id's probability, clamped at 1e-20"),
+            ),
+            description="one denoising step: transformer on [negative, positive] rows, guidance, softmax, inverse-CDF draw",
+            sample=_sample_denoise_step, tie_margin=_cdf_margin, tie_threshold=1e-6,
+        ),
+        GraphSpec(
+            "vq_decoder", "vqvae", VQDecoderGraph,
+            inputs=(TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids"),),
+            outputs=(TensorSpec("image", "float32", ("batch", 3, "F*height", "F*width"), "image", "RGB in [0, 1]"),),
+            description="VQ-VAE decoder: token ids -> image",
+            sample=_sample_vq_decoder,
+        ),
+        GraphSpec(
+            "vq_encoder", "vqvae", VQEncoderGraph,
+            inputs=(TensorSpec("image", "float32", ("batch", 3, "F*height", "F*width"), "image", "RGB in [0, 1]"),),
+            outputs=(TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids"),),
+            description="VQ-VAE encoder and nearest-code lookup: image -> token ids",
+            sample=_sample_vq_encoder, tie_margin=_code_margin, tie_threshold=1e-5,
+        ),
+    )
+}  # fmt: skip

@@ -1,0 +1,114 @@
+"""GraphSpec -> ONNX file, with torch.onnx's dynamo (torch.export) exporter.
+
+Why not optimum: optimum 2.x moved its exporter to `optimum-onnx`, whose only release requires
+transformers < 4.58, which cannot be installed beside the transformers 5 this project uses; and four of
+our five graphs are custom modules optimum has no configs for. We follow its conventions instead: a
+declarative spec per graph (graphs.py) and one validation routine.
+
+Opset 18: the dynamo exporter cannot reach 17 (down-conversion from 18 fails) and 18 is the broadest
+opset it emits; onnxruntime's optimizer fuses the decomposed GELU/LayerNorm patterns back.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch.export import Dim
+
+from .graphs import GraphSpec
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a model at 2 GB; keep weights beside the graph well before that
+MAX_GRID_HALF = 128  # token grids up to 256 x 256 (4096 px)
+
+
+def _dynamic_shapes(spec: GraphSpec, shapes: dict[str, tuple]) -> dict:
+    """torch.export dims for the symbolic shape expressions of the spec's inputs.
+
+    Grids are even (the transformer halves them), so height = 2 h; height*width is a product torch.export
+    cannot name and is left for it to infer (Dim.AUTO).
+    """
+    batch = Dim("batch", min=1, max=1024)
+    half = {"height": Dim("h", min=1, max=MAX_GRID_HALF), "width": Dim("w", min=1, max=MAX_GRID_HALF)}
+
+    def dim(expr):
+        if isinstance(expr, int):
+            return None
+        if expr == "height*width":
+            return Dim.AUTO
+        match = re.fullmatch(r"(?:(\d+)\*)?(batch|height|width)", expr)
+        if not match:
+            raise ValueError(f"{spec.name}: cannot express dim {expr!r} for torch.export")
+        factor, name = int(match.group(1) or 1), match.group(2)
+        return factor * batch if name == "batch" else 2 * factor * half[name]
+
+    dynamic = {}
+    for tensor in spec.inputs:
+        dims = {axis: dim(expr) for axis, expr in enumerate(shapes[tensor.name])}
+        dynamic[tensor.name] = {axis: d for axis, d in dims.items() if d is not None} or None
+    return dynamic
+
+
+def trace_inputs(spec: GraphSpec, info, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Example inputs for tracing, with sizes chosen so that no two symbolic dims coincide
+    (torch.export would otherwise unify them: batch 3 -> 6 rows, grid 10 x 14 -> 5 x 7 halves)."""
+    return spec.sample(info, {"batch": 3, "height": 10, "width": 14}, rng)
+
+
+def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.ndarray], out_dir: Path, shapes: dict) -> Path:
+    """Export `module` (the spec's torch implementation) to `out_dir/model.onnx`; returns the path.
+
+    `shapes` (from `spec.shapes(info)`) gives each input and output its shape with the checkpoint's
+    constants filled in; the symbolic names become the ONNX dim names, so the graph documents itself.
+    """
+    args = tuple(torch.from_numpy(example[name]) for name in spec.input_names())
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        dynamic_shapes=_dynamic_shapes(spec, shapes),
+        input_names=spec.input_names(),
+        output_names=spec.output_names(),
+        opset_version=OPSET,
+        verbose=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.onnx"
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    del program
+    _name_dims(path, shapes)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def _name_dims(path: Path, shapes: dict) -> None:
+    """Replace the exporter's symbol names (s12, 4*s3*s7) with the spec's (batch, height*width)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        shape = shapes[value.name]
+        if len(dims) != len(shape):
+            raise AssertionError(f"{path}: {value.name} has rank {len(dims)}, the spec says {len(shape)}")
+        for d, expr in zip(dims, shape):
+            if isinstance(expr, str):
+                d.dim_param = expr
+            elif d.dim_value != expr:
+                raise AssertionError(f"{path}: {value.name} has dim {d.dim_value or d.dim_param}, the spec says {expr}")
+    onnx.save(model, str(path))
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The model file and any external-data files it references."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [path, *(path.parent / location for location in sorted(locations))]

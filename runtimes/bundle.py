@@ -1,0 +1,110 @@
+"""Reading and verifying an exported bundle (torch-free; the exporter writes what this reads).
+
+A bundle is a folder with `manifest.json` (written last, so a folder without it is not a bundle), the
+tokenizer files, the scheduler config and one folder per exported graph variant. The manifest lists the
+sha256 of every other file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message names the file and the problem."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class GraphEntry:
+    name: str
+    target: str  # "onnx" or "coreml"
+    variant: str  # "fp32", "fp16", "int8", "int4", ...
+    path: str  # relative to the bundle
+    raw: dict
+
+    @property
+    def resolutions(self) -> list[tuple[int, int]] | None:
+        """Static-shape targets (Core ML) hold one model per resolution; None means any validated size."""
+        sizes = self.raw.get("resolution")
+        return None if sizes is None else [tuple(sizes)]
+
+
+@dataclass
+class Manifest:
+    root: Path
+    raw: dict
+
+    @property
+    def model(self) -> dict:
+        return self.raw["model"]
+
+    @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        return [tuple(r) for r in self.raw["resolutions"]]
+
+    @property
+    def graphs(self) -> list[GraphEntry]:
+        return [GraphEntry(g["name"], g["target"], g["variant"], g["path"], g) for g in self.raw["graphs"]]
+
+    def variants(self, target: str) -> list[str]:
+        return sorted({g.variant for g in self.graphs if g.target == target})
+
+    def find(self, name: str, target: str, variant: str, resolution: tuple[int, int] | None = None) -> GraphEntry:
+        """The graph `name` in `variant`, falling back to the bundle's base precision for graphs the
+        variant does not quantize (the VQ graphs, for example)."""
+        for wanted in dict.fromkeys([variant, self.raw["base_variant"]]):
+            for graph in self.graphs:
+                if (graph.name, graph.target, graph.variant) == (name, target, wanted):
+                    if resolution is None or graph.resolutions is None or resolution in graph.resolutions:
+                        return graph
+        raise BundleError(f"{self.root}: no {target} graph {name!r} for variant {variant!r}" + (f" at {resolution}" if resolution else ""))
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: bundle folder not found")
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; not a complete bundle (an interrupted export leaves none)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path}: not valid JSON ({error})") from None
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format version {version!r} is not supported (this runtime reads {FORMAT_VERSION})")
+    return Manifest(bundle, raw)
+
+
+def verify_files(manifest: Manifest, paths: list[str] | None = None) -> None:
+    """Check that each listed file (default: all) exists with the size and sha256 the manifest records."""
+    files = manifest.raw["files"]
+    for relative in paths if paths is not None else files:
+        if relative not in files:
+            raise BundleError(f"{manifest.root / relative}: not listed in the manifest")
+        path = manifest.root / relative
+        expected = files[relative]
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the bundle")
+        if path.stat().st_size != expected["bytes"]:
+            raise BundleError(f"{path}: corrupt ({path.stat().st_size} bytes, manifest says {expected['bytes']})")
+        if sha256_file(path) != expected["sha256"]:
+            raise BundleError(f"{path}: corrupt (sha256 differs from the manifest)")
+
+
+def graph_files(manifest: Manifest, entry: GraphEntry) -> list[str]:
+    return entry.raw["files"]

@@ -1,0 +1,203 @@
+"""ONNX export: every graph against the reference, the public interface, the bundle and its manifest.
+
+Tolerances: float32 outputs within 1e-4 absolute (logits, log-probs, text outputs) and images within
+1e-4 absolute (measured: <= 2e-5); token ids identical except at ties: positions whose uniform lies
+within 1e-6 of a reference CDF boundary (denoise_step) or whose two nearest codes are within 1e-5
+relative distance (vq_encoder), and such positions must be fewer than 0.1%.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from meissonic_export import export as export_module
+from meissonic_export.export import ExportError, ExportOptions, export_bundle
+from meissonic_export.graphs import GRAPHS, ModelInfo
+from meissonic_export.validate import measure, reference_outputs
+from runtimes.bundle import BundleError, read_manifest, sha256_file, verify_files
+from runtimes.onnx_backend import OnnxGraph
+
+ATOL = 1e-4
+ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_bundle):
+    return read_manifest(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def info(golden_components):
+    return ModelInfo.from_components(golden_components)
+
+
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_graph_matches_reference_at_unvalidated_shapes(name, manifest, golden_components, info):
+    """Fresh inputs at a batch and grid the export never saw: the graph is dynamic, not specialised."""
+    spec = GRAPHS[name]
+    module = spec.build(golden_components)
+    graph = OnnxGraph(manifest.root / manifest.find(name, "onnx", "fp32").path)
+    rng = np.random.default_rng(123)
+    ties = []
+    for dims in ({"batch": 3, "height": 24, "width": 40}, {"batch": 1, "height": 4, "width": 4}):
+        inputs = spec.sample(info, dims, rng)
+        expected, actual = reference_outputs(spec, module, inputs), graph(inputs)
+        margin = spec.tie_margin(module, inputs) if spec.tie_margin else None
+        for out in spec.outputs:
+            assert actual[out.name].shape == expected[out.name].shape
+            if out.kind == "ids":
+                figures = measure("ids", expected[out.name], actual[out.name], margin, spec.tie_threshold)
+                assert figures["unexplained_mismatches"] == 0, figures
+                ties.append((figures["ambiguous_fraction"] * figures["positions"], figures["positions"]))
+            else:
+                np.testing.assert_allclose(actual[out.name], expected[out.name], atol=ATOL, rtol=0)
+    if ties:  # over all positions tested (2896)
+        assert sum(t for t, _ in ties) / sum(n for _, n in ties) < 1e-3
+
+
+def test_export_time_parity_figures_meet_the_budget(manifest):
+    for graph in manifest.graphs:
+        assert graph.raw["parity"], graph.name
+        ties, positions = 0.0, 0
+        for case in graph.raw["parity"]:
+            for name, figures in case["outputs"].items():
+                if "agreement" in figures:
+                    assert figures["unexplained_mismatches"] == 0, (graph.name, figures)
+                    ties += figures["ambiguous_fraction"] * figures["positions"]
+                    positions += figures["positions"]
+                else:
+                    assert figures["max_abs"] <= ATOL, (graph.name, name, figures)
+                if "psnr_db" in figures:
+                    assert figures["psnr_db"] == "inf" or figures["psnr_db"] >= 35
+        assert positions == 0 or ties / positions < 1e-3, (graph.name, ties, positions)
+
+
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_public_interface(name, manifest, info):
+    """Names, dtypes and symbolic shapes are the documented contract."""
+    spec = GRAPHS[name]
+    path = manifest.root / manifest.find(name, "onnx", "fp32").path
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    shapes = spec.shapes(info)
+    for values, tensors in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+        assert [v.name for v in values] == [t.name for t in tensors]
+        for value, tensor in zip(values, tensors):
+            assert value.type.tensor_type.elem_type == ONNX_DTYPES[tensor.dtype]
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            assert dims == list(shapes[tensor.name])
+
+
+def test_manifest_is_complete_and_true(manifest, tiny_bundle):
+    raw = manifest.raw
+    on_disk = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(raw["files"]) == on_disk
+    for relative, entry in raw["files"].items():
+        assert sha256_file(tiny_bundle / relative) == entry["sha256"]
+        assert (tiny_bundle / relative).stat().st_size == entry["bytes"]
+    assert {g.name for g in manifest.graphs} == set(GRAPHS)
+    for graph in manifest.graphs:
+        assert set(graph.raw["files"]) <= set(raw["files"]) and graph.path in graph.raw["files"]
+        assert graph.raw["opset"] >= 17 and graph.raw["inputs"] and graph.raw["outputs"] and graph.raw["precision"]
+    for library in ("torch", "onnx", "onnxruntime", "transformers", "meissonic-export"):
+        assert raw["tool"][library]
+    assert raw["source"]["configs"]["transformer"]["codebook_size"] == 64
+    assert raw["model"]["mask_token_id"] == 71 and raw["resolutions"] == [[512, 512], [192, 128]]
+    verify_files(manifest)
+
+
+def test_tampered_file_is_reported(tiny_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    subprocess.run(["cp", "-r", str(tiny_bundle), str(copy)], check=True)
+    target = copy / "onnx/fp32/vq_decoder/model.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="vq_decoder/model.onnx: corrupt"):
+        verify_files(read_manifest(copy))
+
+
+def test_failed_validation_stops_the_export_and_leaves_nothing(golden_checkpoint, tmp_path, monkeypatch):
+    class Drifting(export_module.OnnxGraph):
+        def __call__(self, inputs):
+            return {k: v + 0.01 if v.dtype == np.float32 else v for k, v in super().__call__(inputs).items()}
+
+    monkeypatch.setattr(export_module, "OnnxGraph", Drifting)
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportError) as error:
+        export_bundle(golden_checkpoint, out, ExportOptions(resolutions=((128, 128),), graphs=("text_encoder",), progress=False))
+    assert "text_encoder (fp32) failed validation" in str(error.value) and "max abs error" in str(error.value)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_interrupted_export_leaves_no_bundle(golden_checkpoint, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupt_on_second_graph(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    original = export_module.run_validation
+    monkeypatch.setattr(export_module, "run_validation", interrupt_on_second_graph)
+    out = tmp_path / "bundle"
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(golden_checkpoint, out, ExportOptions(resolutions=((128, 128),), graphs=("vq_encoder", "vq_decoder"), progress=False))
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_killed_export_leaves_no_bundle(golden_checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    command = [sys.executable, "-m", "meissonic_export.cli", "export", str(golden_checkpoint), "--out", str(out), "--resolution", "128"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(tmp_path.glob(".bundle.partial-*/onnx/fp32/*/model.onnx")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "the export ended before it could be interrupted"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    with pytest.raises(BundleError, match="bundle folder not found"):
+        read_manifest(out)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--targets", "tflite"], "unknown target(s) ['tflite']"),
+        (["--resolution", "500"], "resolution 500x500 is not a positive multiple of 32"),
+        (["--resolution", "big"], "cannot read 'big'"),
+        (["--graphs", "unet"], "unknown graph(s) ['unet']"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(arguments, message, golden_checkpoint, tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "meissonic_export.cli", "export", str(golden_checkpoint), "--out", str(tmp_path / "b"), *arguments],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_missing_checkpoint_and_existing_bundle(tmp_path, tiny_bundle, golden_checkpoint):
+    for checkpoint, out, message in (
+        (tmp_path / "missing", tmp_path / "b", "checkpoint folder not found"),
+        (golden_checkpoint, tiny_bundle, "already exists (pass --overwrite"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "meissonic_export.cli", "export", str(checkpoint), "--out", str(out)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
