@@ -10,7 +10,11 @@ opset it emits; onnxruntime's optimizer fuses the decomposed GELU/LayerNorm patt
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,16 +69,20 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.
     constants filled in; the symbolic names become the ONNX dim names, so the graph documents itself.
     """
     args = tuple(torch.from_numpy(example[name]) for name in spec.input_names())
-    program = torch.onnx.export(
-        module,
-        args,
-        dynamo=True,
-        dynamic_shapes=_dynamic_shapes(spec, shapes),
-        input_names=spec.input_names(),
-        output_names=spec.output_names(),
-        opset_version=OPSET,
-        verbose=False,
-    )
+    with _quiet() as log:
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(spec, shapes),
+                input_names=spec.input_names(),
+                output_names=spec.output_names(),
+                opset_version=OPSET,
+                verbose=False,
+            )
+        except Exception as error:
+            raise RuntimeError(f"torch.onnx.export failed for {spec.name}: {error}\n{log.getvalue()}") from error
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -83,6 +91,22 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.
     _name_dims(path, shapes)
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep the exporter's step-by-step prints and known-benign warnings off the progress display;
+    they are returned for the error report if the export fails."""
+    log = io.StringIO()
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(log), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield log
+        finally:
+            logger.setLevel(level)
 
 
 def _name_dims(path: Path, shapes: dict) -> None:

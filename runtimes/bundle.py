@@ -104,7 +104,3 @@ def verify_files(manifest: Manifest, paths: list[str] | None = None) -> None:
             raise BundleError(f"{path}: corrupt ({path.stat().st_size} bytes, manifest says {expected['bytes']})")
         if sha256_file(path) != expected["sha256"]:
             raise BundleError(f"{path}: corrupt (sha256 differs from the manifest)")
-
-
-def graph_files(manifest: Manifest, entry: GraphEntry) -> list[str]:
-    return entry.raw["files"]

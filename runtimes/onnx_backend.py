@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .bundle import BundleError
+
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -53,3 +55,26 @@ class OnnxGraph:
 def _as_onnx_type(array: np.ndarray, onnx_type: str) -> np.ndarray:
     dtype = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32, "tensor(float16)": np.float16}[onnx_type]
     return np.ascontiguousarray(array, dtype=dtype)
+
+
+class OnnxBackend:
+    """The bundle's ONNX graphs of one variant. Every file is checked against the manifest's sha256 up
+    front (a corrupt bundle fails before any work); sessions are created on first use."""
+
+    name = "onnxruntime"
+
+    def __init__(self, manifest, variant: str, options: OnnxOptions | None = None, verify: bool = True):
+        from .bundle import verify_files
+
+        self.manifest, self.variant, self.options = manifest, variant, options or OnnxOptions()
+        self.entries = {g.name: manifest.find(g.name, "onnx", variant) for g in manifest.graphs if g.target == "onnx"}
+        if verify:
+            verify_files(manifest, sorted({f for entry in self.entries.values() for f in entry.raw["files"]}))
+        self._graphs: dict[str, OnnxGraph] = {}
+
+    def graph(self, name: str) -> OnnxGraph:
+        if name not in self._graphs:
+            if name not in self.entries:
+                raise BundleError(f"{self.manifest.root}: this bundle has no {name} graph")
+            self._graphs[name] = OnnxGraph(self.manifest.root / self.entries[name].path, self.options)
+        return self._graphs[name]

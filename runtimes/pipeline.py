@@ -1,0 +1,96 @@
+"""The runtime's Python API: a bundle in, images out. numpy + onnxruntime (or Core ML), no torch.
+
+    from runtimes.pipeline import MeissonicRuntime
+    runtime = MeissonicRuntime.from_bundle("bundle/")
+    result = runtime.generate("a photo of a cat", steps=48, guidance_scale=9, seed=0)
+    result.images[0].save("cat.png")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .bundle import BundleError, read_manifest, verify_files
+from .images import ImageInputError
+from .onnx_backend import OnnxBackend, OnnxOptions
+from .sampler import ModelFacts, Request, Result, Sampler
+from .tokenizer import CLIPTokenizer
+
+BACKENDS = ("onnx", "coreml")
+
+
+class RuntimeInputError(ValueError):
+    """A generation request that cannot be served; the message says what is wrong."""
+
+
+class MeissonicRuntime:
+    def __init__(self, manifest, backend, tokenizer):
+        self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
+        model = manifest.model
+        self.sampler = Sampler(backend, tokenizer, ModelFacts(model["mask_token_id"], model["vae_scale_factor"], model["defaults"]["aesthetic_score"]))
+
+    @classmethod
+    def from_bundle(cls, bundle, backend: str = "onnx", variant: str | None = None, onnx_options: OnnxOptions | None = None, verify: bool = True):
+        """`variant`: fp32, fp16, int8, int4 (default: the bundle's base precision). `verify`: check every
+        file against the manifest's sha256 before use."""
+        manifest = read_manifest(Path(bundle))
+        target = "coreml" if backend == "coreml" else "onnx"
+        if backend not in BACKENDS:
+            raise RuntimeInputError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+        variant = variant or manifest.raw["base_variant"]
+        if variant not in manifest.variants(target):
+            raise RuntimeInputError(f"variant {variant!r} is not in this bundle's {target} graphs (it has {manifest.variants(target)})")
+        tokenizer_files = [p for p in manifest.raw["files"] if p.startswith("tokenizer/")]
+        if verify:
+            verify_files(manifest, tokenizer_files)
+        if target == "onnx":
+            backend_impl = OnnxBackend(manifest, variant, onnx_options, verify=verify)
+        else:
+            from .coreml_backend import CoreMLBackend
+
+            backend_impl = CoreMLBackend(manifest, variant, verify=verify)
+        return cls(manifest, backend_impl, CLIPTokenizer(manifest.root / "tokenizer"))
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | None = None,
+        steps: int = 48,
+        guidance_scale: float = 9.0,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        temperature: tuple[float, float] = (2.0, 0.0),
+        image=None,
+        strength: float = 1.0,
+        mask=None,
+        progress: bool = True,
+    ) -> Result:
+        """Same parameters and randomness as the reference pipeline with `UniformNoise.from_seed(seed)`.
+        Size defaults to the bundle's largest resolution."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if width is None or height is None:
+            width, height = max(self.manifest.resolutions, key=lambda r: r[0] * r[1])
+        supported = self.manifest.resolutions
+        if (width, height) not in supported:
+            listed = ", ".join(f"{w}x{h}" for w, h in supported)
+            raise RuntimeInputError(f"size {width}x{height} is not supported by this bundle (exported and validated for {listed})")
+        if steps < 1:
+            raise RuntimeInputError(f"steps must be at least 1 (got {steps})")
+        if guidance_scale < 0:
+            raise RuntimeInputError(f"guidance scale must be >= 0 (got {guidance_scale})")
+        if num_images < 1 or not prompts:
+            raise RuntimeInputError("need at least one prompt and one image per prompt")
+        if mask is not None and image is None:
+            raise RuntimeInputError("a mask needs an input image (--image)")
+        if not 0 < strength <= 1:
+            raise RuntimeInputError(f"strength must be in (0, 1] (got {strength})")
+        request = Request(
+            prompts=prompts, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+            guidance_scale=guidance_scale, num_images=num_images, seed=seed, temperature=tuple(temperature),
+            image=image, strength=strength, mask=mask,
+        )  # fmt: skip
+        return self.sampler(request, progress=progress)
+
+
+__all__ = ["MeissonicRuntime", "RuntimeInputError", "BundleError", "ImageInputError", "OnnxOptions", "Result"]

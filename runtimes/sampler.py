@@ -1,0 +1,158 @@
+"""The MaskGIT sampler in numpy: the loop every backend shares (no torch anywhere in this path).
+
+A backend is anything with `graph(name)` returning a callable that maps the graph's named inputs
+(numpy arrays, see the README's graph table) to its named outputs. The loop reproduces the reference
+pipeline step for step, including the official float32 arithmetic of the mask schedule.
+
+Randomness: `numpy.random.Generator(PCG64(seed))`; every draw is `random((B, H*W), dtype=float32)`:
+  1. image-to-image only, before the first step: which tokens to re-mask (`u < mask ratio`);
+  2. each step: the categorical draw, fed to `denoise_step` as `uniforms`;
+  3. each step but the last: the Gumbel draw, `g = -log(-log(u))` (both logs clamped at 1e-20).
+numpy's float32 draw is `(next_uint32() >> 8) * 2**-24`, with next_uint32 taking the low then the high
+half of each 64-bit PCG64 (XSL-RR) output; a Swift or Kotlin port reproduces it bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .images import image_to_pixels, mask_to_grid, open_image, pixels_to_pil
+
+Graph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+LOG_FLOAT32_MAX = np.log(np.finfo(np.float32).max, dtype=np.float32)  # confidence of tokens that are given
+
+
+class Backend(Protocol):
+    name: str
+
+    def graph(self, name: str) -> Graph: ...
+
+
+@dataclass
+class ModelFacts:
+    """What the loop needs to know about the model (from a bundle manifest's "model" section)."""
+
+    mask_token_id: int
+    vae_scale_factor: int = 16
+    aesthetic_score: float = 6.0
+
+
+@dataclass
+class Request:
+    prompts: list[str]
+    negative_prompt: str | None = None
+    width: int = 1024
+    height: int = 1024
+    steps: int = 48
+    guidance_scale: float = 9.0
+    num_images: int = 1  # per prompt
+    seed: int = 0
+    temperature: tuple[float, float] = (2.0, 0.0)
+    crop: tuple[int, int] = (0, 0)
+    image: object = None  # path or PIL image: image-to-image / inpainting input
+    strength: float = 1.0
+    mask: object = None  # path or PIL image: white = regenerate
+
+
+@dataclass
+class Result:
+    tokens: np.ndarray  # [B, h, w]
+    pixels: np.ndarray  # [B, 3, H, W] in [0, 1]
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def images(self):
+        return pixels_to_pil(self.pixels)
+
+
+def linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace in float32, bit for bit: step = (end - start) / (steps - 1) in float32; entry i is
+    start + i*step for the first half and end - (steps-1-i)*step for the rest, each rounded to float32
+    once (torch's kernel is compiled with fused multiply-add), which float64 arithmetic reproduces."""
+    if steps == 1:
+        return np.array([start], dtype=np.float32)
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    values = np.where(i < steps // 2, np.float64(start32) + step * i, np.float64(end32) - step * (steps - 1 - i))
+    return values.astype(np.float32)
+
+
+def cosine_mask_ratio(numerator: int, steps: int, starting_mask_ratio: np.float32 = np.float32(1)) -> np.float32:
+    """starting_ratio * cos(pi/2 * numerator/steps) with the official float32 rounding at each operation
+    (divide, times float32(pi), halve, cos rounded from float64, multiply)."""
+    ratio = np.float32(numerator) / np.float32(steps)
+    angle = ratio * np.float32(math.pi) / np.float32(2)
+    return np.float32(starting_mask_ratio) * np.float32(math.cos(float(angle)))
+
+
+def gumbel(uniforms: np.ndarray) -> np.ndarray:
+    tiny = np.float32(1e-20)
+    return -np.log(np.maximum(-np.log(np.maximum(uniforms, tiny)), tiny))
+
+
+class Sampler:
+    def __init__(self, backend: Backend, tokenizer, facts: ModelFacts):
+        self.backend, self.tokenizer, self.facts = backend, tokenizer, facts
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        out = self.backend.graph("text_encoder")({"input_ids": self.tokenizer(prompts)})
+        return out["text_embeds"], out["encoder_hidden_states"]
+
+    def __call__(self, request: Request, progress: bool = True) -> Result:
+        r, f, mask_id = request, self.facts.vae_scale_factor, self.facts.mask_token_id
+        grid_h, grid_w = r.height // f, r.width // f
+        batch, positions = len(r.prompts) * r.num_images, grid_h * grid_w
+        rng = np.random.Generator(np.random.PCG64(r.seed))
+        draw = lambda: rng.random((batch, positions), dtype=np.float32)  # noqa: E731
+
+        # Conditioning rows: [negative x B, positive x B], images of one prompt tiled as the reference does.
+        embeds, hidden = self.encode_prompts(r.prompts)
+        neg_embeds, neg_hidden = self.encode_prompts([r.negative_prompt or ""] * len(r.prompts))
+        tile = lambda x: np.tile(x, (r.num_images,) + (1,) * (x.ndim - 1))  # noqa: E731
+        conditioning = {
+            "encoder_hidden_states": np.concatenate([tile(neg_hidden), tile(hidden)]),
+            "pooled_projections": np.concatenate([tile(neg_embeds), tile(embeds)]),
+            "micro_conds": np.tile(np.float32([[r.width, r.height, r.crop[0], r.crop[1], self.facts.aesthetic_score]]), (2 * batch, 1)),
+            "guidance_scale": np.float32([r.guidance_scale]),
+        }
+
+        start, starting_ratio = 0, np.float32(1)
+        tokens = np.full((batch, positions), mask_id, dtype=np.int64)
+        if r.image is not None:
+            pixels = image_to_pixels(r.image, r.height, r.width)
+            encoded = self.backend.graph("vq_encoder")({"image": pixels})["tokens"].reshape(1, positions).astype(np.int64)
+            tokens = np.repeat(encoded, batch, axis=0)
+            start = r.steps - int(r.steps * r.strength)
+            if r.mask is None:  # image-to-image: re-mask at random as the schedule has it at `start`
+                tokens = np.where(draw() < cosine_mask_ratio(start, r.steps), mask_id, tokens)
+            else:  # inpainting / outpainting: regenerate exactly the masked tokens
+                grid_mask = mask_to_grid(r.mask, grid_h, grid_w, image_size=open_image(r.image).size).reshape(1, positions)
+                tokens = np.where(grid_mask, mask_id, tokens)
+                starting_ratio = np.float32(grid_mask.sum()) / np.float32(grid_mask.size)
+
+        temperatures = linspace_float32(r.temperature[0], r.temperature[1], r.steps)
+        step_graph = self.backend.graph("denoise_step")
+        for step in tqdm(range(start, r.steps), disable=not progress, desc=f"denoising ({self.backend.name})"):
+            out = step_graph({
+                "tokens": tokens.reshape(batch, grid_h, grid_w), **conditioning,
+                "timestep": np.float32([r.steps - 1 - step]), "uniforms": draw(),
+            })  # fmt: skip
+            unknown = tokens == mask_id
+            sampled = np.where(unknown, out["sampled_tokens"].astype(np.int64), tokens)
+            if step == r.steps - 1:
+                tokens = sampled
+                break
+            mask_len = np.floor(np.float32(positions) * cosine_mask_ratio(step + 1, r.steps, starting_ratio))
+            mask_len = np.maximum(1, np.minimum(unknown.sum(-1) - 1, mask_len)).astype(np.int64)  # [B]
+            confidence = np.where(unknown, out["log_probs"], LOG_FLOAT32_MAX) + temperatures[step] * gumbel(draw())
+            cut_off = np.take_along_axis(np.sort(confidence, axis=-1), mask_len[:, None], axis=-1)
+            tokens = np.where(confidence < cut_off, mask_id, sampled)
+
+        tokens = tokens.reshape(batch, grid_h, grid_w)
+        pixels = self.backend.graph("vq_decoder")({"tokens": tokens})["image"]
+        return Result(tokens=tokens, pixels=np.asarray(pixels, dtype=np.float32))
