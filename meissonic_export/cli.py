@@ -61,14 +61,20 @@ def _export(args) -> None:
         graphs=_names(args.graphs),
         seed=args.seed,
         overwrite=args.overwrite,
+        keep_failed=args.keep_failed,
+        quantize=_names(args.quantize),
+        recipes=tuple(args.recipe),
+        block_size=args.block_size,
+        quality_steps=args.quality_steps,
     )
     manifest = export_bundle(args.checkpoint, args.out, options)
     _print_summary(manifest, args.out)
 
 
-def _headline(figures: dict) -> tuple[str, float, bool]:
+def _headline(figures: dict, variant: str) -> tuple[str, float, bool]:
     """The one figure that sums up an output's parity, and whether a larger value is worse."""
-    for key, larger_is_worse in (("agreement", False), ("psnr_db", False), ("max_abs", True)):
+    error = ("max_abs", True) if variant == "fp32" else ("sqnr_db", False)
+    for key, larger_is_worse in (("agreement", False), ("psnr_db", False), error):
         if key in figures:
             value = figures[key]
             return key, float("inf") if value == "inf" else value, larger_is_worse
@@ -79,14 +85,36 @@ def _print_summary(manifest: dict, out: Path) -> None:
     print(f"\nwrote {out} in {manifest['export_seconds']} s")
     print(f"{'graph':<14}{'target':<8}{'variant':<9}{'MB':>9}  parity (worst over the validation inputs)")
     for graph in manifest["graphs"]:
-        worst = {}
+        quantization = graph.get("quantization")
+        worst = {"weights": ("sqnr_db", quantization["weight_sqnr_db"])} if quantization else {}
         for case in graph["parity"]:
             for name, figures in case["outputs"].items():
-                key, value, larger_is_worse = _headline(figures)
+                key, value, larger_is_worse = _headline(figures, graph["variant"])
                 if name not in worst or (value > worst[name][1]) == larger_is_worse:
                     worst[name] = (key, value)
-        parity = ", ".join(f"{name} {key}={value:.4g}" for name, (key, value) in worst.items())
+        parity = ", ".join(f"{name} {key}={value:.4g}" if not isinstance(value, str) else f"{name} {key}={value}" for name, (key, value) in worst.items())
         print(f"{graph['name']:<14}{graph['target']:<8}{graph['variant']:<9}{graph['bytes'] / 1e6:>9.1f}  {parity}")
+    quality = manifest.get("quality")
+    if quality and "skipped" not in quality:
+        print(f"\nwhole sampling run vs {quality['against']} ({quality['steps']} steps, {quality['resolution'][0]}x{quality['resolution'][1]}, seed {quality['seed']}):")
+        for variant, figures in quality.items():
+            if isinstance(figures, dict):
+                print(f"  {variant:<6} token agreement {figures['token_agreement']:.3f}, image PSNR {figures['image_psnr_db']:.4g} dB" if figures["image_psnr_db"] != "inf" else f"  {variant:<6} identical")
+
+
+def _sensitivity(args) -> None:
+    from quantize.sensitivity import analyse, format_table, write_report
+    from reference.checkpoint import load_component
+
+    bits = tuple(int(b) for b in _names(args.bits))
+    if not bits or set(bits) - {4, 8}:
+        raise UsageError(f"--bits: choose from 4 and 8 (got {args.bits!r})")
+    transformer = load_component(args.checkpoint, "transformer")
+    results = analyse(transformer, bits=bits, block_size=args.block_size, grid=args.grid, granularity=args.granularity)
+    title = f"{args.checkpoint.name}: one {args.granularity} quantized at a time ({args.grid}x{args.grid} tokens, int4 blocks of {args.block_size})"
+    print(format_table(results, title))
+    for path in write_report(results, args.out, title):
+        print(f"wrote {path}")
 
 
 def _save_images(images, out: Path) -> None:
@@ -148,7 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--graphs", default=",".join(GRAPHS), help=f"comma-separated subset of {','.join(GRAPHS)} (default: all)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the generated validation inputs")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically, after success)")
+    exp.add_argument("--quantize", default="", help="extra variants, comma-separated: fp16, int8, int4 (built-in recipes of those names)")
+    exp.add_argument("--recipe", action="append", default=[], metavar="NAME|FILE", help="a recipe (built-in name such as int4-mixed, or a JSON file) replacing the built-in recipe of its scheme; repeatable")
+    exp.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the recipe's, 64)")
+    exp.add_argument("--quality-steps", type=int, default=8, help="steps of the sampling run that measures quantized variants (default: 8)")
+    exp.add_argument("--keep-failed", action="store_true", help="on a failed validation keep the files in OUT.failed/ for inspection")
     exp.set_defaults(run=_export)
+    sens = commands.add_parser(
+        "sensitivity",
+        help="rank transformer layer groups by how much quantizing them alone hurts the logits",
+        description="Quantize one group of transformer layers at a time (simulated in the reference) and report "
+        "logit SQNR and top-1 agreement against float32: a table, JSON and a PNG plot. Use it to write a mixed "
+        "recipe: groups with low SQNR at int4 belong in a rule with 8 bits.",
+    )
+    sens.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
+    sens.add_argument("--bits", default="4,8", help="schemes to try, comma-separated (default: 4,8)")
+    sens.add_argument("--block-size", type=int, choices=[32, 64, 128], default=64, help="int4 block size (default: 64)")
+    sens.add_argument("--granularity", choices=["group", "block"], default="group", help="layer groups by role, or one transformer block at a time")
+    sens.add_argument("--grid", type=int, default=16, help="token grid of the fixed inputs (default: 16, i.e. 256 px)")
+    sens.add_argument("--out", type=Path, default=Path("sensitivity"), help="folder for sensitivity.{json,md,png}")
+    sens.set_defaults(run=_sensitivity)
     return parser
 
 

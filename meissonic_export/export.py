@@ -31,6 +31,7 @@ from .validate import BUDGETS, reference_outputs, validate
 
 TARGETS = ("onnx",)
 DTYPES = ("fp32", "fp16")
+QUANTIZE = ("fp16", "int8", "int4")
 
 
 class ExportError(Exception):
@@ -45,11 +46,28 @@ class ExportOptions:
     graphs: tuple[str, ...] = tuple(GRAPHS)
     seed: int = 0  # of the validation inputs
     overwrite: bool = False
+    keep_failed: bool = False  # keep a failed export's files in BUNDLE.failed/ for inspection
+    quantize: tuple[str, ...] = ()  # extra variants: fp16, int8, int4
+    recipes: tuple[str, ...] = ()  # recipe names or JSON files replacing the built-in recipe of their scheme
+    block_size: int | None = None  # overrides the int4 recipes' block size
+    quality_steps: int = 8  # steps of the full sampling run that measures each quantized variant
     progress: bool = True
 
     @property
     def variants(self) -> list[str]:
-        return [self.dtype]
+        return list(dict.fromkeys([self.dtype, *self.quantize]))
+
+    def load_recipes(self) -> dict:
+        """variant -> Recipe for every variant but the base precision."""
+        from quantize.recipe import Recipe
+
+        recipes = {scheme: Recipe.load(scheme, self.block_size) for scheme in self.quantize if scheme != self.dtype}
+        for name in self.recipes:
+            recipe = Recipe.load(name, self.block_size)
+            if recipe.scheme not in recipes:
+                raise ExportError(f"recipe {recipe.name!r} is for {recipe.scheme}, which --quantize does not ask for")
+            recipes[recipe.scheme] = recipe
+        return recipes
 
 
 @dataclass
@@ -73,6 +91,9 @@ def check_options(checkpoint: Path, out: Path, options: ExportOptions) -> None:
         raise ExportError(f"unknown graph(s) {unknown}; choose from {list(GRAPHS)}")
     if not options.resolutions:
         raise ExportError("no resolution given")
+    unknown = [q for q in options.quantize if q not in QUANTIZE]
+    if unknown:
+        raise ExportError(f"unknown quantization scheme(s) {unknown}; choose from {list(QUANTIZE)}")
     _check_folder(checkpoint)
     if Path(out).exists() and not options.overwrite:
         raise ExportError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -91,13 +112,14 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
     checkpoint, out = Path(checkpoint), Path(out)
     check_options(checkpoint, out, options)
     check_resolutions(options.resolutions, read_config(checkpoint, "vqvae").scale_factor)
+    recipes = _checked_recipes(checkpoint, options)
     started = time.time()
     components = {name: load_component(checkpoint, name) for name in COMPONENTS}
     tokenizer, scheduler = load_tokenizer(checkpoint), load_scheduler(checkpoint)
     info = ModelInfo.from_components(components)
     rng = np.random.default_rng(options.seed)
     work = [(target, GRAPHS[name]) for target in options.targets for name in options.graphs]
-    with _staging(out, options.overwrite) as staging, tqdm(total=len(work), disable=not options.progress, unit="graph") as bar:
+    with _staging(out, options.overwrite, options.keep_failed) as staging, tqdm(total=len(work), disable=not options.progress, unit="graph") as bar:
         shutil.copytree(checkpoint / "tokenizer", staging / "tokenizer")
         shutil.copytree(checkpoint / "scheduler", staging / "scheduler")
         entries = []
@@ -105,9 +127,14 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
             bar.set_description(f"{target} {spec.name}")
             module = spec.build(components)
             cases = _validation_cases(spec, module, info, options.resolutions, rng)
-            entries += _export_onnx_graph(spec, module, info, cases, staging, options, bar)
+            entries += _export_onnx_graph(spec, module, info, cases, staging, options, recipes, bar)
             bar.update()
         manifest = _manifest(checkpoint, components, tokenizer, scheduler, info, options, entries, staging)
+        if recipes:
+            from quantize.report import sampling_quality
+
+            bar.set_description("quality runs")
+            manifest["quality"] = sampling_quality(staging, manifest, options.quality_steps)
         manifest["export_seconds"] = round(time.time() - started, 1)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -141,17 +168,51 @@ def run_validation(spec: GraphSpec, module, run, cases: list[ValidationCase], va
     return reports
 
 
-def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging: Path, options: ExportOptions, bar) -> list[dict]:
+def _checked_recipes(checkpoint: Path, options: ExportOptions) -> dict:
+    """Load the recipes and check them against the checkpoint's layers (from its configs, on the meta
+    device), so a wrong recipe or block size fails before any export work."""
+    from quantize.recipe import RecipeError, quantizable_layers
+
+    try:
+        recipes = options.load_recipes()
+        if not recipes:
+            return {}
+        layers = []
+        for component in dict.fromkeys(GRAPHS[name].component for name in options.graphs if GRAPHS[name].quantizable):
+            with torch.device("meta"):
+                module = COMPONENTS[component].build(read_config(checkpoint, component))
+            layers += quantizable_layers(COMPONENTS[component].weights_module(module))
+        for recipe in recipes.values():
+            recipe.check(layers)
+    except RecipeError as error:
+        raise ExportError(str(error)) from None
+    return recipes
+
+
+def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
+    """Export the float32 graph once, then derive, validate and describe every variant of it."""
+    from quantize.onnx_quant import quantize_graph
+    from quantize.recipe import Recipe, quantizable_layers
+
     from .onnx_export import OPSET, export_onnx, onnx_files, trace_inputs
 
-    shapes = spec.shapes(info)
-    folder = staging / "onnx" / "fp32" / spec.name
     bar.set_postfix_str("exporting")
-    path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), folder, shapes)
+    fp32_dir = staging / "onnx" / "fp32" / spec.name
+    fp32_path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), fp32_dir, spec.shapes(info))
     entries = []
-    for variant in options.variants:
-        if variant == "fp16":
-            path = _to_fp16(path, staging / "onnx" / "fp16" / spec.name)
+    # The VQ graphs (convolutions) are kept at the base precision; the runtime falls back to it.
+    variants = options.variants if spec.quantizable else [options.dtype]
+    weights = spec.weights_module(module)
+    for variant in variants:
+        quantization = None
+        if variant == "fp32":
+            path = fp32_path
+        else:
+            bar.set_postfix_str(f"quantizing {variant}")
+            recipe = recipes.get(variant) or Recipe.load(variant)
+            plan = recipe.plan(quantizable_layers(weights))
+            path, graph_layers = quantize_graph(fp32_path, staging / "onnx" / variant / spec.name, spec.weights_prefix, plan, recipe)
+            quantization = _quantization_report(recipe, plan, path, graph_layers, weights)
         bar.set_postfix_str(f"validating {variant}")
         parity = run_validation(spec, module, OnnxGraph(path), cases, variant)
         files = onnx_files(path)
@@ -159,29 +220,38 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging:
             "name": spec.name, "target": "onnx", "variant": variant,
             "path": _relative(path, staging), "files": [_relative(f, staging) for f in files],
             "bytes": sum(f.stat().st_size for f in files), "opset": OPSET,
-            "precision": {"weights": "float16" if variant == "fp16" else "float32", "inputs_outputs": "as declared"},
+            "precision": {"weights": {"fp32": "float32", "fp16": "float16"}.get(variant, variant), "inputs_outputs": "as declared"},
             "description": spec.description, **spec.interface(info),
             "parity": parity, "budget": BUDGETS[variant].to_dict(),
+            **({"quantization": quantization} if quantization else {}),
         })  # fmt: skip
+    if "fp32" not in variants:
+        shutil.rmtree(fp32_dir)  # the float32 export was only the source of the variants
+        if not any(fp32_dir.parent.iterdir()):
+            fp32_dir.parent.rmdir()
     return entries
 
 
-def _to_fp16(path: Path, out_dir: Path) -> Path:
-    """float32 ONNX -> float16 weights and arithmetic, float32 inputs/outputs (onnxruntime's converter)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+def _quantization_report(recipe, plan: dict[str, int], path: Path, graph_layers, weights: torch.nn.Module) -> dict:
+    """The recipe, the bits of every weight, and each quantized weight's SQNR against the float one."""
+    from quantize.onnx_quant import dequantized_weights
 
-    from .onnx_export import EXTERNAL_DATA_BYTES
-    from .onnx_export import onnx_files
+    from .validate import sqnr_db
 
-    fp16_bytes = sum(f.stat().st_size for f in onnx_files(path)) // 2
-    converted = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / "model.onnx"
-    onnx.save(converted, str(out), save_as_external_data=fp16_bytes > EXTERNAL_DATA_BYTES, location="model.onnx.data")
-    onnx.checker.check_model(str(out), full_check=True)
-    shutil.rmtree(path.parent)
-    return out
+    errors, signal, noise = {}, 0.0, 0.0
+    for name, array in dequantized_weights(path, graph_layers).items():
+        if plan[name] == 32:
+            continue
+        reference = weights.get_submodule(name).weight.detach().numpy().astype(np.float64)
+        array = array.reshape(reference.shape)
+        errors[name] = round(sqnr_db(reference, array), 2)
+        signal, noise = signal + float((reference**2).sum()), noise + float(((array - reference) ** 2).sum())
+    return {
+        "recipe": recipe.to_dict(),
+        "bits": plan,
+        "weight_sqnr_db": round(10 * np.log10(signal / noise), 2) if noise else "inf",
+        "layer_weight_sqnr_db": errors,
+    }
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -232,8 +302,9 @@ def _manifest(checkpoint, components, tokenizer, scheduler, info: ModelInfo, opt
 
 
 @contextmanager
-def _staging(out: Path, overwrite: bool):
-    """Yield a hidden folder beside `out`; move it to `out` on success, delete it on any failure."""
+def _staging(out: Path, overwrite: bool, keep_failed: bool = False):
+    """Yield a hidden folder beside `out`; move it to `out` on success, delete it on any failure (or,
+    with `keep_failed`, move it to `out.failed`: no manifest, so no runtime mistakes it for a bundle)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
         pid = stale.name.rsplit("-", 1)[-1]
@@ -253,6 +324,12 @@ def _staging(out: Path, overwrite: bool):
             shutil.rmtree(trash)
         else:
             staging.rename(out)
+    except BaseException:
+        if keep_failed and staging.exists():
+            failed = out.with_name(out.name + ".failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            staging.rename(failed)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

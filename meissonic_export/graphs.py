@@ -25,7 +25,7 @@ class TensorSpec:
     name: str
     dtype: str  # "float32" or "int64" (token ids; Core ML uses int32)
     shape: tuple  # ints and symbolic expressions of batch/height/width
-    kind: str = "float"  # how validation compares it: "float", "image", "ids"
+    kind: str = "float"  # how validation compares it: "float", "logits" (float + top-1), "image", "ids"
     doc: str = ""
 
 
@@ -80,10 +80,20 @@ class GraphSpec:
     # Positions closer than `tie_threshold` may legitimately differ between backends.
     tie_margin: Callable[[nn.Module, dict], np.ndarray] | None = None
     tie_threshold: float = 0.0
+    # A float output whose error bounds how far the backend's choice boundaries can move (see validate.py).
+    tie_evidence: str | None = None
     dims: tuple[str, ...] = field(default=("batch", "height", "width"))
+    # Where the checkpoint component's weights sit in the module (the prefix of exported layer names),
+    # and whether int8/int4 recipes apply (the conv-only VQ graphs keep the base precision).
+    weights_prefix: str = ""
+    quantizable: bool = False
 
     def build(self, components: dict[str, nn.Module]) -> nn.Module:
         return self.module(components[self.component]).eval()
+
+    def weights_module(self, module: nn.Module) -> nn.Module:
+        """The part of a built graph module whose parameter names are the checkpoint's."""
+        return module.get_submodule(self.weights_prefix.rstrip("."))
 
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
@@ -267,14 +277,14 @@ GRAPHS: dict[str, GraphSpec] = {
                 TensorSpec("encoder_hidden_states", "float32", ("batch", TEXT_POSITIONS, "J"), doc="hidden_states[-2]"),
             ),
             description="CLIP text tower: token ids -> pooled embedding and penultimate hidden states",
-            sample=_sample_text, dims=("batch",),
+            sample=_sample_text, dims=("batch",), weights_prefix="text_encoder.clip.", quantizable=True,
         ),
         GraphSpec(
             "transformer", "transformer", TransformerGraph,
             inputs=(_TOKENS, *_rows(_CONDITIONING, "batch")),
-            outputs=(TensorSpec("logits", "float32", ("batch", "codebook", "height", "width")),),
+            outputs=(TensorSpec("logits", "float32", ("batch", "codebook", "height", "width"), "logits"),),
             description="the raw transformer forward (parity and debugging)",
-            sample=_sample_transformer,
+            sample=_sample_transformer, weights_prefix="transformer.", quantizable=True,
         ),
         GraphSpec(
             "denoise_step", "transformer", DenoiseStepGraph,
@@ -289,21 +299,22 @@ GRAPHS: dict[str, GraphSpec] = {
                 TensorSpec("log_probs", "float32", ("batch", "height*width"), doc="log of the drawn id's probability, clamped at 1e-20"),
             ),
             description="one denoising step: transformer on [negative, positive] rows, guidance, softmax, inverse-CDF draw",
-            sample=_sample_denoise_step, tie_margin=_cdf_margin, tie_threshold=1e-6,
+            sample=_sample_denoise_step, tie_margin=_cdf_margin, tie_threshold=1e-6, tie_evidence="log_probs",
+            weights_prefix="transformer.", quantizable=True,
         ),
         GraphSpec(
             "vq_decoder", "vqvae", VQDecoderGraph,
             inputs=(TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids"),),
             outputs=(TensorSpec("image", "float32", ("batch", 3, "F*height", "F*width"), "image", "RGB in [0, 1]"),),
             description="VQ-VAE decoder: token ids -> image",
-            sample=_sample_vq_decoder,
+            sample=_sample_vq_decoder, weights_prefix="vqvae.",
         ),
         GraphSpec(
             "vq_encoder", "vqvae", VQEncoderGraph,
             inputs=(TensorSpec("image", "float32", ("batch", 3, "F*height", "F*width"), "image", "RGB in [0, 1]"),),
             outputs=(TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids"),),
             description="VQ-VAE encoder and nearest-code lookup: image -> token ids",
-            sample=_sample_vq_encoder, tie_margin=_code_margin, tie_threshold=1e-5,
+            sample=_sample_vq_encoder, tie_margin=_code_margin, tie_threshold=1e-5, weights_prefix="vqvae.",
         ),
     )
 }  # fmt: skip

@@ -69,7 +69,7 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.
     constants filled in; the symbolic names become the ONNX dim names, so the graph documents itself.
     """
     args = tuple(torch.from_numpy(example[name]) for name in spec.input_names())
-    with _quiet() as log:
+    with quiet() as log:
         try:
             program = torch.onnx.export(
                 module,
@@ -94,19 +94,19 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Keep the exporter's step-by-step prints and known-benign warnings off the progress display;
-    they are returned for the error report if the export fails."""
+def quiet():
+    """Keep the ONNX tools' step-by-step prints, INFO/WARNING logs (onnxruntime's quantizers log every
+    node and install a root handler) and known-benign warnings off the progress display. What was
+    printed is yielded, for the error report if the step fails."""
     log = io.StringIO()
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     with contextlib.redirect_stdout(log), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             yield log
         finally:
-            logger.setLevel(level)
+            logging.disable(previous)
 
 
 def _name_dims(path: Path, shapes: dict) -> None:

@@ -4,6 +4,11 @@ It runs the reference module and the exported graph on the same inputs and measu
 kind: floats by max abs error and SQNR, images by max abs error and PSNR, token ids by agreement, where
 positions within the graph's tie margin (a uniform within 1e-6 of a CDF boundary, two codes at nearly
 the same distance) may legitimately differ but must be rare. A `Budget` says what must hold.
+
+The tie window widens with the evidence: a backend whose drawn-token log-probabilities differ from the
+reference by e (relative probability error e) can move every CDF boundary by up to about e, so ids
+may differ where the uniform lies within 2e of a boundary. At 1B scale in float32, e ~ 1e-5 and
+8192 boundaries make a few such flips per thousand positions; nowhere else may ids differ.
 """
 from __future__ import annotations
 
@@ -27,22 +32,31 @@ class Budget:
 
     float_rel: float | None = None  # max abs error <= float_rel * max(1, max|reference|)
     min_sqnr_db: float | None = None  # floats: 10 log10(signal power / error power)
+    min_logit_sqnr_db: float | None = None  # logits (the transformer graph); defaults to min_sqnr_db
     min_psnr_db: float = 35.0  # images in [0, 1]; the floor Apple's Core ML Stable Diffusion uses
     image_max_abs: float | None = None
-    tie_scale: float = 1.0  # multiplies the graph's tie threshold
-    # Ids may differ only at ties, and rarely: with 8192 codes ~1.6% of uniforms lie within 1e-6 of
-    # some CDF boundary, but a flip needs the backend's CDF to move across the uniform.
-    max_tie_mismatches: float = 1e-3  # fraction of positions
-    min_id_agreement: float | None = None  # if set, replaces "no unexplained mismatch" for ids
+    # Ids may differ only within the tie window (see the module docstring). In float32 they must also
+    # be rare: with 8192 codes ~1.6% of uniforms lie within 1e-6 of some CDF boundary, but a flip needs
+    # the backend's CDF to move across the uniform (measured 0.3-0.5% for the 1B). Reduced precisions
+    # move every boundary; how many draws survive then depends on how flat the model's distributions
+    # are (random-weight 8192-code models: 50% in fp16), so it is reported, not bounded.
+    max_tie_mismatches: float | None = None  # fraction of positions
+    min_top1: float | None = None  # logits: fraction of positions whose most likely code is unchanged
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+# Reduced-precision floors, measured on the tiny and small presets (random weights; README's
+# quantization section) and set with margin: logits as the issue sets them (int8 30 dB, int4 15 dB);
+# other float outputs (text embeddings, log-probs) at 24 dB, because int8's dynamic activations cost
+# CLIP most (26.7 dB on small). These are floors that catch a broken variant; the default recipes
+# measure well above them.
 BUDGETS = {
-    "fp32": Budget(float_rel=1e-4, image_max_abs=1e-4),
-    # float16 weights and activations: ~1e-3 relative per op; guarded by SQNR and PSNR
-    "fp16": Budget(min_sqnr_db=40.0, tie_scale=1e3, min_id_agreement=0.98),
+    "fp32": Budget(float_rel=1e-4, image_max_abs=1e-4, max_tie_mismatches=1e-2),
+    "fp16": Budget(min_sqnr_db=40.0, min_top1=0.95),  # measured: >= 41.6 dB, top-1 >= 0.978
+    "int8": Budget(min_sqnr_db=24.0, min_logit_sqnr_db=30.0, min_top1=0.9),  # measured: logits 34.7-36.3 dB, others 26.7-43.6, top-1 >= 0.957
+    "int4": Budget(min_sqnr_db=24.0, min_logit_sqnr_db=15.0, min_top1=0.75),  # measured: logits 34.2-34.9 dB, others >= 37.3, top-1 >= 0.945
 }
 
 
@@ -61,9 +75,14 @@ def _finite(x: float) -> float | str:
     return x if math.isfinite(x) else "inf"
 
 
-def measure(kind: str, reference: np.ndarray, actual: np.ndarray, margin: np.ndarray | None, threshold: float) -> dict:
+def measure(kind: str, reference: np.ndarray, actual: np.ndarray, margin: np.ndarray | None, threshold: float, where=None) -> dict:
+    """Figures of one output; `where` restricts float comparisons to some positions."""
     if reference.shape != actual.shape:
         return {"shape_mismatch": [list(reference.shape), list(actual.shape)]}
+    if where is not None:
+        reference, actual = reference[where], actual[where]
+        if reference.size == 0:
+            return {"compared_positions": 0, "max_abs": 0.0, "mean_abs": 0.0, "reference_max_abs": 0.0, "sqnr_db": "inf"}
     if kind == "ids":
         differ = reference != actual
         ambiguous = margin <= threshold if margin is not None else np.zeros_like(differ)
@@ -76,8 +95,12 @@ def measure(kind: str, reference: np.ndarray, actual: np.ndarray, margin: np.nda
         }
     error = np.abs(actual.astype(np.float64) - reference)
     figures = {"max_abs": float(error.max()), "mean_abs": float(error.mean()), "reference_max_abs": float(np.abs(reference).max())}
+    if where is not None:
+        figures["compared_positions"] = int(reference.size)
     if kind == "image":
         figures["psnr_db"] = _finite(psnr_db(reference, actual))
+    if kind == "logits":  # [B, codebook, H, W]
+        figures["top1_agreement"] = float((reference.argmax(1) == actual.argmax(1)).mean())
     figures["sqnr_db"] = _finite(sqnr_db(reference, actual))
     return figures
 
@@ -87,21 +110,21 @@ def failures_of(kind: str, figures: dict, budget: Budget) -> list[str]:
         return [f"shape {figures['shape_mismatch'][1]} != reference {figures['shape_mismatch'][0]}"]
     failed = []
     if kind == "ids":
-        if figures["mismatches"] > budget.max_tie_mismatches * figures["positions"]:
+        if budget.max_tie_mismatches is not None and figures["mismatches"] > budget.max_tie_mismatches * figures["positions"]:
             failed.append(f"{figures['mismatches']} of {figures['positions']} ids differ (> {budget.max_tie_mismatches:.2%})")
-        if budget.min_id_agreement is not None:
-            if figures["agreement"] < budget.min_id_agreement:
-                failed.append(f"id agreement {figures['agreement']:.4f} < {budget.min_id_agreement}")
-        elif figures["unexplained_mismatches"]:
+        if figures["unexplained_mismatches"]:
             failed.append(f"{figures['unexplained_mismatches']} ids differ away from any tie")
         return failed
     sqnr = math.inf if figures["sqnr_db"] == "inf" else figures["sqnr_db"]
-    if budget.float_rel is not None and kind == "float":
+    if budget.float_rel is not None and kind in ("float", "logits"):
         bound = budget.float_rel * max(1.0, figures["reference_max_abs"])
         if figures["max_abs"] > bound:
             failed.append(f"max abs error {figures['max_abs']:.3g} > {bound:.3g}")
-    if budget.min_sqnr_db is not None and kind == "float" and sqnr < budget.min_sqnr_db:
-        failed.append(f"SQNR {sqnr:.1f} dB < {budget.min_sqnr_db} dB")
+    floor = budget.min_logit_sqnr_db if kind == "logits" and budget.min_logit_sqnr_db is not None else budget.min_sqnr_db
+    if floor is not None and kind in ("float", "logits") and sqnr < floor:
+        failed.append(f"SQNR {sqnr:.1f} dB < {floor} dB")
+    if budget.min_top1 is not None and kind == "logits" and figures["top1_agreement"] < budget.min_top1:
+        failed.append(f"top-1 agreement {figures['top1_agreement']:.4f} < {budget.min_top1}")
     if kind == "image":
         psnr = math.inf if figures["psnr_db"] == "inf" else figures["psnr_db"]
         if psnr < budget.min_psnr_db:
@@ -130,9 +153,32 @@ def validate(
     expected = expected if expected is not None else reference_outputs(spec, reference, inputs)
     actual = run(inputs)
     margin = spec.tie_margin(reference, inputs) if spec.tie_margin else None
+    window = tie_window(spec, budget, expected, actual)
     report, failures = {}, []
+    # The evidence output (log-probs of the drawn ids) is compared where the ids agree: where they differ
+    # it is the probability of another token.
+    evidence_positions = None
+    if spec.tie_evidence is not None:
+        ids = next(t.name for t in spec.outputs if t.kind == "ids")
+        evidence_positions = expected[ids] == np.asarray(actual[ids])
     for out in spec.outputs:
-        figures = measure(out.kind, expected[out.name], np.asarray(actual[out.name]), margin, spec.tie_threshold * budget.tie_scale)
+        where = evidence_positions if out.name == spec.tie_evidence else None
+        figures = measure(out.kind, expected[out.name], np.asarray(actual[out.name]), margin, window, where)
+        if out.kind == "ids" and margin is not None:
+            figures["tie_window"] = window
         report[out.name] = figures
         failures += [f"{spec.name}.{out.name}: {problem}" for problem in failures_of(out.kind, figures, budget)]
     return {"outputs": report, "failures": failures}
+
+
+def tie_window(spec: GraphSpec, budget: Budget, expected: dict, actual: dict) -> float:
+    """The margin within which ids may differ: the spec's own, or twice the evidence output's error at
+    the positions where the ids agree, whichever is larger."""
+    window = spec.tie_threshold
+    if spec.tie_evidence is not None:
+        ids = next(t.name for t in spec.outputs if t.kind == "ids")
+        agree = expected[ids] == np.asarray(actual[ids])
+        if agree.any():
+            error = np.abs(np.asarray(actual[spec.tie_evidence], np.float64) - expected[spec.tie_evidence])[agree]
+            window = max(window, 2 * float(error.max()))
+    return window

@@ -65,20 +65,19 @@ def test_graph_matches_reference_at_unvalidated_shapes(name, manifest, golden_co
 
 
 def test_export_time_parity_figures_meet_the_budget(manifest):
+    """The manifest's figures (ids: against the export-time tie window, the literal 1e-6 rule is
+    checked on fresh inputs above)."""
     for graph in manifest.graphs:
         assert graph.raw["parity"], graph.name
-        ties, positions = 0.0, 0
         for case in graph.raw["parity"]:
             for name, figures in case["outputs"].items():
                 if "agreement" in figures:
                     assert figures["unexplained_mismatches"] == 0, (graph.name, figures)
-                    ties += figures["ambiguous_fraction"] * figures["positions"]
-                    positions += figures["positions"]
+                    assert figures["mismatches"] <= 1e-3 * figures["positions"], (graph.name, figures)
                 else:
                     assert figures["max_abs"] <= ATOL, (graph.name, name, figures)
                 if "psnr_db" in figures:
                     assert figures["psnr_db"] == "inf" or figures["psnr_db"] >= 35
-        assert positions == 0 or ties / positions < 1e-3, (graph.name, ties, positions)
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
