@@ -246,9 +246,12 @@ def _quantization_report(recipe, plan: dict[str, int], path: Path, graph_layers,
         array = array.reshape(reference.shape)
         errors[name] = round(sqnr_db(reference, array), 2)
         signal, noise = signal + float((reference**2).sum()), noise + float(((array - reference) ** 2).sum())
+    present = {layer.name for layer in graph_layers}
     return {
         "recipe": recipe.to_dict(),
-        "bits": plan,
+        "bits": {name: bits for name, bits in plan.items() if name in present},
+        # weights the exporter folded into constants (CLIP's position embedding): float, float16 in fp16
+        "folded_layers": sorted(set(plan) - present),
         "weight_sqnr_db": round(10 * np.log10(signal / noise), 2) if noise else "inf",
         "layer_weight_sqnr_db": errors,
     }

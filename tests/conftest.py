@@ -38,13 +38,18 @@ def golden_checkpoint() -> Path:
 EXPORT_RESOLUTIONS = ((512, 512), (192, 128))
 
 
+QUANTIZED_VARIANTS = ("fp16", "int8", "int4")
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
-    """The golden checkpoint exported once per test session (ONNX, float32, every graph)."""
+    """The golden checkpoint exported once per test session: ONNX, every graph in float32, and the
+    quantized variants (int4 in blocks of 32: the tiny model is only 64 wide)."""
     from meissonic_export.export import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(golden_checkpoint, out, ExportOptions(resolutions=EXPORT_RESOLUTIONS, progress=False))
+    options = ExportOptions(resolutions=EXPORT_RESOLUTIONS, quantize=QUANTIZED_VARIANTS, block_size=32, progress=False)
+    export_bundle(golden_checkpoint, out, options)
     return out
 
 
