@@ -13,6 +13,10 @@ class UsageError(Exception):
 def _make_checkpoint(args) -> None:
     from reference.presets import write_checkpoint
 
+    if args.overwrite and args.out.exists():
+        import shutil
+
+        shutil.rmtree(args.out)
     out = write_checkpoint(args.preset, args.out, seed=args.seed)
     print(f"wrote a random-weight {args.preset} checkpoint to {out}")
 
@@ -143,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("out", type=Path, help="folder to create (must not exist)")
     make.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="configuration (default: tiny)")
     make.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    make.add_argument("--overwrite", action="store_true", help="replace the folder if it exists")
     make.set_defaults(run=_make_checkpoint)
 
     ref = commands.add_parser(

@@ -282,7 +282,7 @@ GRAPHS: dict[str, GraphSpec] = {
         GraphSpec(
             "transformer", "transformer", TransformerGraph,
             inputs=(_TOKENS, *_rows(_CONDITIONING, "batch")),
-            outputs=(TensorSpec("logits", "float32", ("batch", "codebook", "height", "width"), "logits"),),
+            outputs=(TensorSpec("logits", "float32", ("batch", "codebook", "height", "width"), "logits", "unnormalised scores over the codebook"),),
             description="the raw transformer forward (parity and debugging)",
             sample=_sample_transformer, weights_prefix="transformer.", quantizable=True,
         ),
@@ -304,7 +304,7 @@ GRAPHS: dict[str, GraphSpec] = {
         ),
         GraphSpec(
             "vq_decoder", "vqvae", VQDecoderGraph,
-            inputs=(TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids"),),
+            inputs=(TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids", "final token ids (codebook entries)"),),
             outputs=(TensorSpec("image", "float32", ("batch", 3, "F*height", "F*width"), "image", "RGB in [0, 1]"),),
             description="VQ-VAE decoder: token ids -> image",
             sample=_sample_vq_decoder, weights_prefix="vqvae.",
@@ -312,9 +312,25 @@ GRAPHS: dict[str, GraphSpec] = {
         GraphSpec(
             "vq_encoder", "vqvae", VQEncoderGraph,
             inputs=(TensorSpec("image", "float32", ("batch", 3, "F*height", "F*width"), "image", "RGB in [0, 1]"),),
-            outputs=(TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids"),),
+            outputs=(TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids", "nearest codebook entry per 16x16 patch"),),
             description="VQ-VAE encoder and nearest-code lookup: image -> token ids",
             sample=_sample_vq_encoder, tie_margin=_code_margin, tie_threshold=1e-5, weights_prefix="vqvae.",
         ),
     )
 }  # fmt: skip
+
+
+def interface_markdown() -> str:
+    """The README's table of the public graph interface, generated from the declarations above."""
+    shape = lambda t: "[" + ", ".join(str(d) for d in t.shape).replace("F*", "16*") + "]"  # noqa: E731
+    dtype = lambda t: "int64 (Core ML: int32)" if t.dtype == "int64" else t.dtype  # noqa: E731
+    lines = ["| graph | direction | name | dtype | shape | meaning |", "|---|---|---|---|---|---|"]
+    for spec in GRAPHS.values():
+        for direction, tensors in (("in", spec.inputs), ("out", spec.outputs)):
+            for t in tensors:
+                lines.append(f"| `{spec.name}` | {direction} | `{t.name}` | {dtype(t)} | {shape(t)} | {t.doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(interface_markdown())
