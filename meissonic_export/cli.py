@@ -121,6 +121,22 @@ def _sensitivity(args) -> None:
         print(f"wrote {path}")
 
 
+def _bench(args) -> None:
+    from .bench import BenchOptions, markdown, run_bench, write
+
+    options = BenchOptions(
+        preset=args.preset, checkpoint=args.checkpoint, bundle=args.bundle, variants=_names(args.variants), grid=args.grid,
+        scaling_grids=tuple(int(g) for g in _names(args.scaling_grids)), steps=args.steps, repeats=args.repeats,
+        warmup=args.warmup, threads=args.threads, with_1b=not args.no_1b, out=args.out, block_size=args.block_size,
+    )  # fmt: skip
+    if args.bundle is not None and args.checkpoint is None:
+        raise UsageError("--bundle needs the --checkpoint it was exported from (the PyTorch reference runs on it)")
+    results = run_bench(options)
+    print(markdown(results))
+    for path in write(results, args.out):
+        print(f"wrote {path}")
+
+
 def _save_images(images, out: Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--grid", type=int, default=16, help="token grid of the fixed inputs (default: 16, i.e. 256 px)")
     sens.add_argument("--out", type=Path, default=Path("sensitivity"), help="folder for sensitivity.{json,md,png}")
     sens.set_defaults(run=_sensitivity)
+    bench = commands.add_parser(
+        "bench",
+        help="latency, memory and size of every variant against the PyTorch reference",
+        description="Benchmark, in one run: per-step and whole-image latency of the PyTorch reference and of every "
+        "onnxruntime variant (with ratios to the reference), peak memory of a generation process per variant, graph "
+        "sizes, step latency against the token grid, and one step of the released 1B configuration. Writes "
+        "bench.json, bench.md and PNG plots. The defaults take about 15 minutes on 2 cores.",
+    )
+    bench.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model to benchmark when no --checkpoint is given (default: small)")
+    bench.add_argument("--checkpoint", type=Path, default=None, help="benchmark this checkpoint instead of a preset")
+    bench.add_argument("--bundle", type=Path, default=None, help="an existing bundle of --checkpoint (skips the export)")
+    bench.add_argument("--variants", default="fp32,fp16,int8,int4", help="onnxruntime variants (default: fp32,fp16,int8,int4)")
+    bench.add_argument("--grid", type=int, default=32, help="token grid of the step and image timings (default: 32 = 512 px)")
+    bench.add_argument("--scaling-grids", default="16,32,64", help="token grids of the scaling measurement (default: 16,32,64)")
+    bench.add_argument("--steps", type=int, default=8, help="denoising steps of the whole-image timing (default: 8)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    bench.add_argument("--threads", type=int, default=2, help="threads for PyTorch and onnxruntime (default: 2)")
+    bench.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the recipe's)")
+    bench.add_argument("--no-1b", action="store_true", help="skip the one-step measurement of the 1B configuration")
+    bench.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json, bench.md and plots")
+    bench.set_defaults(run=_bench)
     return parser
 
 
