@@ -149,7 +149,7 @@ def run_bench(options: BenchOptions) -> Results:
         bar = tqdm(total=2 * work + len(options.scaling_grids) * work, disable=not options.progress, desc="bench")
         step_module = GRAPHS["denoise_step"].build(components)
         reference = MeissonicPipeline.from_pretrained(checkpoint)
-        generate = dict(height=size, width=size, num_inference_steps=options.steps, progress=False)
+        generate = {"height": size, "width": size, "num_inference_steps": options.steps, "progress": False}
 
         # 1. one denoising step and 2. one whole image, reference first
         inputs = _step_inputs(info, options.grid)
@@ -162,7 +162,9 @@ def run_bench(options: BenchOptions) -> Results:
             results.step[variant] = _time_step(runtime.backend.graph("denoise_step"), inputs, options)
             bar.update()
             results.image[variant] = Timing.of(
-                lambda: runtime.generate("a cat", steps=options.steps, width=size, height=size, seed=0, progress=False), max(1, options.repeats // 2), options.warmup
+                lambda runtime=runtime: runtime.generate("a cat", steps=options.steps, width=size, height=size, seed=0, progress=False),
+                max(1, options.repeats // 2),
+                options.warmup,
             )
             bar.update()
 
@@ -234,6 +236,7 @@ def _one_step_1b(grid: int, options: BenchOptions, scratch: Path) -> dict:
     shutil.rmtree(path.parent)
     timings["int4"] = _time_step(OnnxGraph(int4, options.onnx_options()), inputs, options)
     timings["int4_bytes"] = sum(f.stat().st_size for f in int4.parent.iterdir())
+    timings["grid"] = grid
     return timings
 
 
@@ -241,9 +244,11 @@ def markdown(results: Results) -> str:
     m, s = results.machine, results.settings
     ref_step, ref_image = results.step["pytorch"].median_ms, results.image["pytorch"].median_ms
     lines = [
-        f"Machine: {m['processor']}, {m['cpu_count']} cores, {m['platform']}; torch {m['torch']} ({m['torch_cpu_capability']}), "
-        f"onnxruntime {m['onnxruntime']}; {s['threads']} threads, graph optimization 'all', memory arena on; "
-        f"median of {s['repeats']} runs after {s['warmup']} warm-up, spread = 25th-75th percentile.",
+        (
+            f"Machine: {m['processor']}, {m['cpu_count']} cores, {m['platform']}; torch {m['torch']} ({m['torch_cpu_capability']}), "
+            f"onnxruntime {m['onnxruntime']}; {s['threads']} threads, graph optimization 'all', memory arena on; "
+            f"median of {s['repeats']} runs after {s['warmup']} warm-up, spread = 25th-75th percentile."
+        ),
         "",
         f"| variant | step ms ({s['grid']}x{s['grid']} tokens) | step speed-up vs PyTorch | image ms ({s['steps']} steps) | image speed-up | peak RSS MB | denoise_step MB | all graphs MB | logit SQNR dB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -270,9 +275,11 @@ def markdown(results: Results) -> str:
         ref = one["pytorch"].median_ms
         lines += [
             "",
-            f"Released 1B configuration (random weights), one denoise step at {min(results.scaling) if results.scaling else 16}x"
-            f"{min(results.scaling) if results.scaling else 16} tokens: PyTorch {ref:.0f} ms, onnxruntime fp32 {one['fp32'].median_ms:.0f} ms "
-            f"({ref / one['fp32'].median_ms:.2f}x), int4 {one['int4'].median_ms:.0f} ms ({ref / one['int4'].median_ms:.2f}x, {one['int4_bytes'] / 1e6:.0f} MB).",
+            (
+                f"Released 1B configuration (random weights), one denoise step at {one['grid']}x{one['grid']} tokens: PyTorch "
+                f"{ref:.0f} ms, onnxruntime fp32 {one['fp32'].median_ms:.0f} ms ({ref / one['fp32'].median_ms:.2f}x), "
+                f"int4 {one['int4'].median_ms:.0f} ms ({ref / one['int4'].median_ms:.2f}x, {one['int4_bytes'] / 1e6:.0f} MB)."
+            ),
         ]
     return "\n".join(lines)
 
@@ -317,7 +324,7 @@ def plots(results: Results, out: Path) -> list[Path]:
 
 def write(results: Results, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    finite = lambda o: {k: finite(v) for k, v in o.items()} if isinstance(o, dict) else ("inf" if o == math.inf else o)  # noqa: E731
+    finite = lambda o: {k: finite(v) for k, v in o.items()} if isinstance(o, dict) else ("inf" if o == math.inf else o)
     (out / "bench.json").write_text(json.dumps(finite(asdict(results)), indent=2, default=str) + "\n")
     (out / "bench.md").write_text(markdown(results) + "\n")
     return [out / "bench.json", out / "bench.md", *plots(results, out)]

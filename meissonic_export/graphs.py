@@ -9,8 +9,8 @@ Symbolic dims: `batch` images, `height` x `width` the token grid (16x smaller th
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ class GraphSpec:
     def interface(self, info: ModelInfo, dtype_map: dict[str, str] | None = None) -> dict:
         """The JSON description written into the manifest (`dtype_map`: a target's own dtypes, e.g. int32)."""
         dtype_map, shapes = dtype_map or {}, self.shapes(info)
-        describe = lambda t: {"name": t.name, "dtype": dtype_map.get(t.dtype, t.dtype), "shape": list(shapes[t.name]), "doc": t.doc}  # noqa: E731
+        describe = lambda t: {"name": t.name, "dtype": dtype_map.get(t.dtype, t.dtype), "shape": list(shapes[t.name]), "doc": t.doc}
         return {"inputs": [describe(t) for t in self.inputs], "outputs": [describe(t) for t in self.outputs]}
 
 
@@ -322,8 +322,8 @@ GRAPHS: dict[str, GraphSpec] = {
 
 def interface_markdown() -> str:
     """The README's table of the public graph interface, generated from the declarations above."""
-    shape = lambda t: "[" + ", ".join(str(d) for d in t.shape).replace("F*", "16*") + "]"  # noqa: E731
-    dtype = lambda t: "int64 (Core ML: int32)" if t.dtype == "int64" else t.dtype  # noqa: E731
+    shape = lambda t: "[" + ", ".join(str(d) for d in t.shape).replace("F*", "16*") + "]"
+    dtype = lambda t: "int64 (Core ML: int32)" if t.dtype == "int64" else t.dtype
     lines = ["| graph | direction | name | dtype | shape | meaning |", "|---|---|---|---|---|---|"]
     for spec in GRAPHS.values():
         for direction, tensors in (("in", spec.inputs), ("out", spec.outputs)):

@@ -13,8 +13,8 @@ may differ where the uniform lies within 2e of a boundary. At 1B scale in float3
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch

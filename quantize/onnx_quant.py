@@ -61,7 +61,7 @@ def layers(model: onnx.ModelProto, prefix: str) -> list[Layer]:
         scope = _scope(node)
         if weight not in initializers or scope is None:
             continue
-        name = scope[len(prefix) :] if scope.startswith(prefix) else scope
+        name = scope.removeprefix(prefix)
         found.append(Layer(name, node.op_type, node.name, weight, tuple(initializers[weight].dims)))
     return found
 
@@ -150,7 +150,7 @@ def quantize_graph(fp32_path: Path, out_dir: Path, prefix: str, plan: dict[str, 
     unknown = sorted({layer.name for layer in graph_layers} - set(plan))
     if unknown:
         raise AssertionError(f"{fp32_path}: layers {unknown[:5]} are in the graph but not in the plan")
-    select = lambda op_types, bits: [l for l in graph_layers if l.op in op_types and plan[l.name] == bits]  # noqa: E731
+    select = lambda op_types, bits: [l for l in graph_layers if l.op in op_types and plan[l.name] == bits]
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "model.onnx"
     with quiet():

@@ -28,7 +28,7 @@ def sampling_quality(root, manifest: dict, steps: int) -> dict:
     facts = ModelFacts(model["mask_token_id"], model["vae_scale_factor"], model["defaults"]["aesthetic_score"])
     request = Request(prompts=[PROMPT], width=width, height=height, steps=steps, seed=SEED)
     tokenizer = CLIPTokenizer(root / "tokenizer")
-    run = lambda variant: Sampler(OnnxBackend(view, variant, verify=False), tokenizer, facts)(request, progress=False)  # noqa: E731
+    run = lambda variant: Sampler(OnnxBackend(view, variant, verify=False), tokenizer, facts)(request, progress=False)
     base = run(manifest["base_variant"])
     report = {"prompt": PROMPT, "seed": SEED, "steps": steps, "resolution": [width, height], "against": manifest["base_variant"]}
     for variant in view.variants("onnx"):

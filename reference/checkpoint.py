@@ -6,9 +6,9 @@ safetensors file, a config that does not describe the weights (shape mismatch), 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -113,16 +113,16 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise CheckpointError(f"{path}: weight file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    except Exception as error:  # noqa: BLE001 (safetensors raises its own error types for corrupt headers)
         raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as error:  # a header that promises more bytes than the file holds
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    except Exception as error:  # noqa: BLE001 (a header that promises more bytes than the file holds)
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({error})") from None
 
 

@@ -30,11 +30,11 @@ class Preset:
 
 
 def _clip(hidden: int, layers: int, heads: int, projection: int) -> dict:
-    return dict(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, projection_dim=projection, max_position_embeddings=77, hidden_act="gelu",
-        layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    )  # fmt: skip
+    return {
+        "vocab_size": 49408, "hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "projection_dim": projection, "max_position_embeddings": 77, "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+    }  # fmt: skip
 
 
 PRESETS = {

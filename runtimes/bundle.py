@@ -67,9 +67,9 @@ class Manifest:
         variant does not quantize (the VQ graphs, for example)."""
         for wanted in dict.fromkeys([variant, self.raw["base_variant"]]):
             for graph in self.graphs:
-                if (graph.name, graph.target, graph.variant) == (name, target, wanted):
-                    if resolution is None or graph.resolutions is None or resolution in graph.resolutions:
-                        return graph
+                wanted_size = resolution is None or graph.resolutions is None or resolution in graph.resolutions
+                if (graph.name, graph.target, graph.variant) == (name, target, wanted) and wanted_size:
+                    return graph
         raise BundleError(f"{self.root}: no {target} graph {name!r} for variant {variant!r}" + (f" at {resolution}" if resolution else ""))
 
 

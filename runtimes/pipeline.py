@@ -93,4 +93,4 @@ class MeissonicRuntime:
         return self.sampler(request, progress=progress)
 
 
-__all__ = ["MeissonicRuntime", "RuntimeInputError", "BundleError", "ImageInputError", "OnnxOptions", "Result"]
+__all__ = ["BundleError", "ImageInputError", "MeissonicRuntime", "OnnxOptions", "Result", "RuntimeInputError"]

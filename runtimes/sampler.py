@@ -14,8 +14,9 @@ half of each 64-bit PCG64 (XSL-RR) output; a Swift or Kotlin port reproduces it 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -82,7 +83,7 @@ def linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def cosine_mask_ratio(numerator: int, steps: int, starting_mask_ratio: np.float32 = np.float32(1)) -> np.float32:
+def cosine_mask_ratio(numerator: int, steps: int, starting_mask_ratio: float = 1.0) -> np.float32:
     """starting_ratio * cos(pi/2 * numerator/steps) with the official float32 rounding at each operation
     (divide, times float32(pi), halve, cos rounded from float64, multiply)."""
     ratio = np.float32(numerator) / np.float32(steps)
@@ -108,12 +109,12 @@ class Sampler:
         grid_h, grid_w = r.height // f, r.width // f
         batch, positions = len(r.prompts) * r.num_images, grid_h * grid_w
         rng = np.random.Generator(np.random.PCG64(r.seed))
-        draw = lambda: rng.random((batch, positions), dtype=np.float32)  # noqa: E731
+        draw = lambda: rng.random((batch, positions), dtype=np.float32)
 
         # Conditioning rows: [negative x B, positive x B], images of one prompt tiled as the reference does.
         embeds, hidden = self.encode_prompts(r.prompts)
         neg_embeds, neg_hidden = self.encode_prompts([r.negative_prompt or ""] * len(r.prompts))
-        tile = lambda x: np.tile(x, (r.num_images,) + (1,) * (x.ndim - 1))  # noqa: E731
+        tile = lambda x: np.tile(x, (r.num_images,) + (1,) * (x.ndim - 1))
         conditioning = {
             "encoder_hidden_states": np.concatenate([tile(neg_hidden), tile(hidden)]),
             "pooled_projections": np.concatenate([tile(neg_embeds), tile(embeds)]),

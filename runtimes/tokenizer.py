@@ -39,7 +39,7 @@ class CLIPTokenizer:
             special_map = folder / "special_tokens_map.json"
             special = {**config, **(json.loads(special_map.read_text()) if special_map.is_file() else {})}
             vocab, merges = BPE.read_file(str(files["vocab.json"]), str(files["merges.txt"]))
-        except Exception as error:  # json and tokenizers raise their own types
+        except Exception as error:  # noqa: BLE001 (json and tokenizers raise their own types)
             raise TokenizerError(f"{folder}: unreadable tokenizer files ({error})") from None
         self.bos, self.eos = _token_text(special.get("bos_token", "<|startoftext|>")), _token_text(special.get("eos_token", "<|endoftext|>"))
         unk, pad = _token_text(special.get("unk_token", self.eos)), _token_text(special.get("pad_token", self.eos))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from reference.checkpoint import load_component
 from reference.pipeline import MeissonicPipeline, load_scheduler, load_tokenizer
 from reference.scheduler import TorchNoise
 from reference.transformer import TEXT_POSITIONS, position_ids

@@ -30,7 +30,7 @@ def test_inverse_cdf_draw_follows_the_distribution():
 
 
 def test_explicit_noise_is_reproducible_and_differs_by_seed(pipe):
-    run = lambda seed: pipe("a cat", height=128, width=96, num_inference_steps=4, noise=UniformNoise.from_seed(seed), progress=False).tokens  # noqa: E731
+    run = lambda seed: pipe("a cat", height=128, width=96, num_inference_steps=4, noise=UniformNoise.from_seed(seed), progress=False).tokens
     first = run(7)
     assert first.shape == (1, 8, 6)  # non-square grid
     assert torch.equal(first, run(7))
@@ -42,7 +42,7 @@ def test_explicit_arrays_equal_seeded_stream(pipe):
     steps, tokens = 3, 8 * 8
     # per step: categorical then Gumbel, except no Gumbel draw on the last step
     draws = [rng.random((1, tokens), dtype=np.float32) for _ in range(2 * steps - 1)]
-    kwargs = dict(height=128, width=128, num_inference_steps=steps, progress=False)
+    kwargs = {"height": 128, "width": 128, "num_inference_steps": steps, "progress": False}
     by_arrays = pipe("a dog", noise=UniformNoise.from_arrays(draws), **kwargs).tokens
     assert torch.equal(by_arrays, pipe("a dog", noise=UniformNoise.from_seed(5), **kwargs).tokens)
 
