@@ -10,11 +10,7 @@ opset it emits; onnxruntime's optimizer fuses the decomposed GELU/LayerNorm patt
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ import torch
 from torch.export import Dim
 
 from .graphs import GraphSpec
+from .quiet import quiet
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a model at 2 GB; keep weights beside the graph well before that
@@ -91,22 +88,6 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.
     _name_dims(path, shapes)
     onnx.checker.check_model(str(path), full_check=True)
     return path
-
-
-@contextlib.contextmanager
-def quiet():
-    """Keep the ONNX tools' step-by-step prints, INFO/WARNING logs (onnxruntime's quantizers log every
-    node and install a root handler) and known-benign warnings off the progress display. What was
-    printed is yielded, for the error report if the step fails."""
-    log = io.StringIO()
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    with contextlib.redirect_stdout(log), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            yield log
-        finally:
-            logging.disable(previous)
 
 
 def _name_dims(path: Path, shapes: dict) -> None:

@@ -142,7 +142,8 @@ def quantize_graph(fp32_path: Path, out_dir: Path, prefix: str, plan: dict[str, 
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from meissonic_export.onnx_export import EXTERNAL_DATA_BYTES, onnx_files, quiet
+    from meissonic_export.onnx_export import EXTERNAL_DATA_BYTES, onnx_files
+    from meissonic_export.quiet import quiet
 
     large = sum(f.stat().st_size for f in onnx_files(fp32_path)) > EXTERNAL_DATA_BYTES
     model = gemm_to_matmul(onnx.load(str(fp32_path)))
