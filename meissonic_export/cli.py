@@ -70,6 +70,7 @@ def _export(args) -> None:
         recipes=tuple(args.recipe),
         block_size=args.block_size,
         quality_steps=args.quality_steps,
+        chunks=args.chunks,
     )
     manifest = export_bundle(args.checkpoint, args.out, options)
     _print_summary(manifest, args.out)
@@ -87,7 +88,7 @@ def _headline(figures: dict, variant: str) -> tuple[str, float, bool]:
 
 def _print_summary(manifest: dict, out: Path) -> None:
     print(f"\nwrote {out} in {manifest['export_seconds']} s")
-    print(f"{'graph':<14}{'target':<8}{'variant':<9}{'MB':>9}  parity (worst over the validation inputs)")
+    print(f"{'graph':<24}{'target':<8}{'variant':<9}{'MB':>9}  parity (worst over the validation inputs)")
     for graph in manifest["graphs"]:
         quantization = graph.get("quantization")
         worst = {"weights": ("sqnr_db", quantization["weight_sqnr_db"])} if quantization else {}
@@ -97,13 +98,17 @@ def _print_summary(manifest: dict, out: Path) -> None:
                 if name not in worst or (value > worst[name][1]) == larger_is_worse:
                     worst[name] = (key, value)
         parity = ", ".join(f"{name} {key}={value:.4g}" if not isinstance(value, str) else f"{name} {key}={value}" for name, (key, value) in worst.items())
-        print(f"{graph['name']:<14}{graph['target']:<8}{graph['variant']:<9}{graph['bytes'] / 1e6:>9.1f}  {parity}")
-    quality = manifest.get("quality")
-    if quality and "skipped" not in quality:
-        print(f"\nwhole sampling run vs {quality['against']} ({quality['steps']} steps, {quality['resolution'][0]}x{quality['resolution'][1]}, seed {quality['seed']}):")
-        for variant, figures in quality.items():
-            if isinstance(figures, dict):
-                print(f"  {variant:<6} token agreement {figures['token_agreement']:.3f}, image PSNR {figures['image_psnr_db']:.4g} dB" if figures["image_psnr_db"] != "inf" else f"  {variant:<6} identical")
+        name = graph["name"] + (f"@{graph['resolution'][0]}x{graph['resolution'][1]}" if "resolution" in graph else "")
+        print(f"{name:<24}{graph['target']:<8}{graph['variant']:<9}{graph['bytes'] / 1e6:>9.1f}  {parity}")
+    quality = manifest.get("quality", {})
+    for target, figures in quality.items():
+        if not isinstance(figures, dict) or "against" not in figures:
+            continue
+        print(f"\n{target}: whole sampling run vs {figures['against']} ({quality['steps']} steps, {quality['resolution'][0]}x{quality['resolution'][1]}, seed {quality['seed']}):")
+        for variant, values in figures.items():
+            if isinstance(values, dict):
+                psnr = values["image_psnr_db"]
+                print(f"  {variant:<9} token agreement {values['token_agreement']:.3f}, image PSNR " + (psnr if isinstance(psnr, str) else f"{psnr:.1f}") + " dB")
 
 
 def _sensitivity(args) -> None:
@@ -191,16 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
     exp.add_argument("--out", type=Path, required=True, help="bundle folder to create")
-    exp.add_argument("--targets", default="onnx", help="comma-separated: onnx (default: onnx)")
+    exp.add_argument("--targets", default="onnx", help="comma-separated: onnx, coreml (default: onnx). Core ML packages are float16, static (one per resolution)")
     exp.add_argument("--resolution", default="512,1024", help="image sizes to support and validate, e.g. 512,1024 or 768x512 (default: 512,1024)")
     exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="base precision of the graphs (default: fp32)")
     exp.add_argument("--graphs", default=",".join(GRAPHS), help=f"comma-separated subset of {','.join(GRAPHS)} (default: all)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the generated validation inputs")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically, after success)")
-    exp.add_argument("--quantize", default="", help="extra variants, comma-separated: fp16, int8, int4 (built-in recipes of those names)")
+    exp.add_argument("--quantize", default="", help="extra variants, comma-separated: fp16, int8, int4 (ONNX and Core ML), palette4, palette6 (Core ML)")
     exp.add_argument("--recipe", action="append", default=[], metavar="NAME|FILE", help="a recipe (built-in name such as int4-mixed, or a JSON file) replacing the built-in recipe of its scheme; repeatable")
     exp.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the recipe's, 64)")
     exp.add_argument("--quality-steps", type=int, default=8, help="steps of the sampling run that measures quantized variants (default: 8)")
+    exp.add_argument("--chunks", type=int, default=1, help="Core ML: split the denoise step into N packages run in sequence (each under the Neural Engine's ~1 GB)")
     exp.add_argument("--keep-failed", action="store_true", help="on a failed validation keep the files in OUT.failed/ for inspection")
     exp.set_defaults(run=_export)
     sens = commands.add_parser(

@@ -106,6 +106,10 @@ class CoreMLProgram:
         self._constants: dict[str, object] = {}
         self._run([op for op in self.operations if _is_constant(op)], self._constants)
 
+    def constants(self) -> dict[str, np.ndarray]:
+        """Every constant by name, compressed weights (constexpr ops) materialised, as float32."""
+        return {name: np.asarray(value, dtype=np.float32) for name, value in self._constants.items() if np.asarray(value).dtype.kind == "f"}
+
     def op_types(self) -> list[str]:
         return sorted({op.op_type for op in self.operations})
 

@@ -29,9 +29,12 @@ from runtimes.onnx_backend import OnnxGraph
 from .graphs import GRAPHS, GraphSpec, ModelInfo
 from .validate import BUDGETS, reference_outputs, validate
 
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "coreml")
 DTYPES = ("fp32", "fp16")
-QUANTIZE = ("fp16", "int8", "int4")
+ONNX_VARIANTS = ("fp16", "int8", "int4")
+COREML_VARIANTS = ("int8", "int4", "palette4", "palette6")  # Core ML's base precision is fp16
+QUANTIZE = tuple(dict.fromkeys(ONNX_VARIANTS + COREML_VARIANTS))
+COREML_GRAPHS = ("text_encoder", "denoise_step", "vq_decoder", "vq_encoder")  # no raw transformer on devices
 
 
 class ExportError(Exception):
@@ -51,17 +54,24 @@ class ExportOptions:
     recipes: tuple[str, ...] = ()  # recipe names or JSON files replacing the built-in recipe of their scheme
     block_size: int | None = None  # overrides the int4 recipes' block size
     quality_steps: int = 8  # steps of the full sampling run that measures each quantized variant
+    chunks: int = 1  # Core ML: split the denoise step into this many packages
     progress: bool = True
 
     @property
     def variants(self) -> list[str]:
-        return list(dict.fromkeys([self.dtype, *self.quantize]))
+        """ONNX variants: the base precision, then the quantized ones."""
+        return list(dict.fromkeys([self.dtype, *(q for q in self.quantize if q in ONNX_VARIANTS)]))
+
+    @property
+    def coreml_variants(self) -> list[str]:
+        return ["fp16", *(q for q in self.quantize if q in COREML_VARIANTS)]
 
     def load_recipes(self) -> dict:
         """variant -> Recipe for every variant but the base precision."""
         from quantize.recipe import Recipe
 
-        recipes = {scheme: Recipe.load(scheme, self.block_size) for scheme in self.quantize if scheme != self.dtype}
+        schemes = {q if q in ONNX_VARIANTS else "int4" for q in self.quantize if q != self.dtype}  # palettes follow int4's rules
+        recipes = {scheme: Recipe.load(scheme, self.block_size) for scheme in schemes}
         for name in self.recipes:
             recipe = Recipe.load(name, self.block_size)
             if recipe.scheme not in recipes:
@@ -94,6 +104,11 @@ def check_options(checkpoint: Path, out: Path, options: ExportOptions) -> None:
     unknown = [q for q in options.quantize if q not in QUANTIZE]
     if unknown:
         raise ExportError(f"unknown quantization scheme(s) {unknown}; choose from {list(QUANTIZE)}")
+    palettes = [q for q in options.quantize if q.startswith("palette")]
+    if palettes and "coreml" not in options.targets:
+        raise ExportError(f"{palettes} are Core ML variants; add --targets coreml")
+    if options.chunks < 1:
+        raise ExportError(f"--chunks must be at least 1 (got {options.chunks})")
     _check_folder(checkpoint)
     if Path(out).exists() and not options.overwrite:
         raise ExportError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -118,7 +133,7 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
     tokenizer, scheduler = load_tokenizer(checkpoint), load_scheduler(checkpoint)
     info = ModelInfo.from_components(components)
     rng = np.random.default_rng(options.seed)
-    work = [(target, GRAPHS[name]) for target in options.targets for name in options.graphs]
+    work = [(target, GRAPHS[name]) for target in options.targets for name in options.graphs if target == "onnx" or name in COREML_GRAPHS]
     with _staging(out, options.overwrite, options.keep_failed) as staging, tqdm(total=len(work), disable=not options.progress, unit="graph") as bar:
         shutil.copytree(checkpoint / "tokenizer", staging / "tokenizer")
         shutil.copytree(checkpoint / "scheduler", staging / "scheduler")
@@ -127,7 +142,8 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
             bar.set_description(f"{target} {spec.name}")
             module = spec.build(components)
             cases = _validation_cases(spec, module, info, options.resolutions, rng)
-            entries += _export_onnx_graph(spec, module, info, cases, staging, options, recipes, bar)
+            export = _export_onnx_graph if target == "onnx" else _export_coreml_graph
+            entries += export(spec, module, info, cases, staging, options, recipes, bar)
             bar.update()
         manifest = _manifest(checkpoint, components, tokenizer, scheduler, info, options, entries, staging)
         if recipes:
@@ -191,7 +207,7 @@ def _checked_recipes(checkpoint: Path, options: ExportOptions) -> dict:
 
 def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
     """Export the float32 graph once, then derive, validate and describe every variant of it."""
-    from quantize.onnx_quant import quantize_graph
+    from quantize.onnx_quant import dequantized_weights, quantize_graph
     from quantize.recipe import Recipe, quantizable_layers
 
     from .onnx_export import OPSET, export_onnx, onnx_files, trace_inputs
@@ -212,7 +228,9 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging:
             recipe = recipes.get(variant) or Recipe.load(variant)
             plan = recipe.plan(quantizable_layers(weights))
             path, graph_layers = quantize_graph(fp32_path, staging / "onnx" / variant / spec.name, spec.weights_prefix, plan, recipe)
-            quantization = _quantization_report(recipe, plan, path, graph_layers, weights)
+            present = {layer.name for layer in graph_layers}
+            bits = {name: b for name, b in plan.items() if name in present}
+            quantization = _quantization_report(recipe, bits, dequantized_weights(path, graph_layers), weights, sorted(set(plan) - present))
         bar.set_postfix_str(f"validating {variant}")
         parity = run_validation(spec, module, OnnxGraph(path), cases, variant)
         files = onnx_files(path)
@@ -232,29 +250,111 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging:
     return entries
 
 
-def _quantization_report(recipe, plan: dict[str, int], path: Path, graph_layers, weights: torch.nn.Module) -> dict:
-    """The recipe, the bits of every weight, and each quantized weight's SQNR against the float one."""
-    from quantize.onnx_quant import dequantized_weights
-
+def _quantization_report(recipe, bits: dict[str, int], computed: dict, weights: torch.nn.Module, folded: list[str]) -> dict:
+    """The recipe, the bits of every weight in the graph, and each compressed weight's SQNR against the
+    float one (`computed`: layer -> the weight the exported graph computes with)."""
     from .validate import sqnr_db
 
     errors, signal, noise = {}, 0.0, 0.0
-    for name, array in dequantized_weights(path, graph_layers).items():
-        if plan[name] == 32:
+    for name, array in computed.items():
+        if bits.get(name, 32) == 32:
             continue
         reference = weights.get_submodule(name).weight.detach().numpy().astype(np.float64)
-        array = array.reshape(reference.shape)
+        array = np.asarray(array, dtype=np.float64).reshape(reference.shape)
         errors[name] = round(sqnr_db(reference, array), 2)
         signal, noise = signal + float((reference**2).sum()), noise + float(((array - reference) ** 2).sum())
-    present = {layer.name for layer in graph_layers}
     return {
         "recipe": recipe.to_dict(),
-        "bits": {name: bits for name, bits in plan.items() if name in present},
+        "bits": bits,
         # weights the exporter folded into constants (CLIP's position embedding): float, float16 in fp16
-        "folded_layers": sorted(set(plan) - present),
+        "folded_layers": folded,
         "weight_sqnr_db": round(10 * np.log10(signal / noise), 2) if noise else "inf",
         "layer_weight_sqnr_db": errors,
     }
+
+
+def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
+    """One package per resolution (static shapes, one image), float16 compute, then the compressed
+    variants; each validated through the runtime's own Core ML graph (the MIL evaluator on Linux)."""
+    from quantize.coreml_quant import MINIMUM_TARGET, compress, compressed_weights, recipe_for, weight_constants
+    from quantize.recipe import quantizable_layers
+    from runtimes.bundle import GraphEntry
+    from runtimes.coreml_backend import CoreMLGraph
+
+    from .coreml_convert import FP32_REGIONS
+
+    weights = spec.weights_module(module)
+    layers = quantizable_layers(weights)
+    variants = options.coreml_variants if spec.quantizable else ["fp16"]
+    sizes = list(options.resolutions) if "height" in spec.dims else [None]
+    f = info.vae_scale_factor
+    entries = []
+    for size in sizes:
+        dims = {"batch": 1} if size is None else {"batch": 1, "height": size[1] // f, "width": size[0] // f}
+        example = spec.sample(info, dims, np.random.default_rng(0))
+        stem = spec.name if size is None else f"{spec.name}_{size[0]}x{size[1]}"
+        converted: dict[str, list] = {}  # deployment target -> [(inputs, outputs, model, module) per package]
+        for variant in variants:
+            target = MINIMUM_TARGET.get(variant, "iOS17")
+            if target not in converted:
+                bar.set_postfix_str(f"converting {stem} ({target})")
+                converted[target] = _convert_coreml(spec, module, example, options.chunks, target)
+            bar.set_postfix_str(f"{stem} {variant}")
+            parts, bits, computed = [], {}, {}
+            for i, (inputs, outputs, model, part) in enumerate(converted[target]):
+                constants = weight_constants(part, weights)
+                if variant != "fp16":
+                    recipe = recipe_for(variant, recipes)
+                    model, part_bits = compress(model, variant, recipe.plan(layers), constants, recipe.block_size)
+                    bits.update(part_bits)
+                suffix = f".chunk{i}" if len(converted[target]) > 1 else ""
+                path = _save_mlpackage(model, staging / "coreml" / variant / f"{stem}{suffix}.mlpackage")
+                parts.append({"path": _relative(path, staging), "inputs": inputs, "outputs": outputs, "bytes": _tree_bytes(path)})
+                if variant != "fp16":
+                    computed.update(compressed_weights(path, constants))
+            files = sorted(_relative(p, staging) for part in parts for p in (staging / part["path"]).rglob("*") if p.is_file())
+            entry = {
+                "name": spec.name, "target": "coreml", "variant": variant, "path": parts[0]["path"], "files": files,
+                "bytes": sum(part["bytes"] for part in parts), "deployment_target": target,
+                **({"resolution": list(size)} if size else {}), "static_shapes": dims,
+                "precision": {
+                    "compute": f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})",
+                    "weights": {"fp16": "float16"}.get(variant, variant), "inputs_outputs": "float32; token ids int32",
+                },
+                "description": spec.description, **spec.interface(info, {"int64": "int32"}),
+                **({"chunks": parts} if len(parts) > 1 else {}),
+            }  # fmt: skip
+            if variant != "fp16":
+                entry["quantization"] = _quantization_report(recipe_for(variant, recipes), bits, computed, weights, [])
+            bar.set_postfix_str(f"validating {stem} {variant}")
+            graph = CoreMLGraph(staging, [GraphEntry(spec.name, "coreml", variant, entry["path"], entry)])
+            own = [c for c in cases if c.label.get("resolution") in (None, list(size) if size else None)]
+            entry["parity"] = run_validation(spec, module, graph, own, f"coreml {variant}", BUDGETS[variant])
+            entry["budget"] = BUDGETS[variant].to_dict()
+            entries.append(entry)
+    return entries
+
+
+def _convert_coreml(spec: GraphSpec, module, example: dict, chunks: int, target: str) -> list[tuple]:
+    """[(input names, output names, MLModel, the torch module converted)] per package."""
+    from .coreml_convert import convert_denoise_chunks, convert_graph
+
+    if spec.name == "denoise_step" and chunks > 1:
+        parts = convert_denoise_chunks(spec, module, example, chunks, "fp16", target)
+        return [(c.spec.input_names(), c.spec.output_names(), model, c.module) for c, model in parts]
+    return [(spec.input_names(), spec.output_names(), convert_graph(spec, module, example, "fp16", target), module)]
+
+
+def _save_mlpackage(model, path: Path) -> Path:
+    from .coreml_convert import save_mlpackage
+    from .quiet import quiet
+
+    with quiet():  # coremltools reports its passes on stderr
+        return save_mlpackage(model, path)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -298,7 +398,7 @@ def _manifest(checkpoint, components, tokenizer, scheduler, info: ModelInfo, opt
             "defaults": {"steps": 48, "guidance_scale": 9.0, "temperature": [2.0, 0.0], "aesthetic_score": 6.0},
         },
         "resolutions": [list(r) for r in options.resolutions],
-        "base_variant": options.dtype,
+        "base_variants": {target: options.dtype if target == "onnx" else "fp16" for target in options.targets},
         "graphs": entries,
         "files": {_relative(p, staging): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
     }

@@ -41,6 +41,7 @@ class Budget:
     # move every boundary; how many draws survive then depends on how flat the model's distributions
     # are (random-weight 8192-code models: 50% in fp16), so it is reported, not bounded.
     max_tie_mismatches: float | None = None  # fraction of positions
+    tie_scale: float = 1.0  # widens the graph's own tie threshold (float16 moves code distances ~1e-4)
     min_top1: float | None = None  # logits: fraction of positions whose most likely code is unchanged
 
     def to_dict(self) -> dict:
@@ -54,9 +55,14 @@ class Budget:
 # measure well above them.
 BUDGETS = {
     "fp32": Budget(float_rel=1e-4, image_max_abs=1e-4, max_tie_mismatches=1e-2),
-    "fp16": Budget(min_sqnr_db=40.0, min_top1=0.95),  # measured: >= 41.6 dB, top-1 >= 0.978
+    # fp16 (ONNX and Core ML): measured >= 41.6 dB, top-1 >= 0.978; Core ML fp16 flips VQ codes whose
+    # distances differ by up to 9e-5 relative, so the 1e-5 tie threshold is scaled by 100.
+    "fp16": Budget(min_sqnr_db=40.0, min_top1=0.95, tie_scale=100.0),
     "int8": Budget(min_sqnr_db=24.0, min_logit_sqnr_db=30.0, min_top1=0.9),  # measured: logits 34.7-36.3 dB, others 26.7-43.6, top-1 >= 0.957
     "int4": Budget(min_sqnr_db=24.0, min_logit_sqnr_db=15.0, min_top1=0.75),  # measured: logits 34.2-34.9 dB, others >= 37.3, top-1 >= 0.945
+    # Core ML palettes (int4's layer rules; 4-bit LUT weights measured 17-19 dB, like int4 blocks)
+    "palette4": Budget(min_sqnr_db=24.0),
+    "palette6": Budget(min_sqnr_db=24.0),
 }
 
 
@@ -174,7 +180,7 @@ def validate(
 def tie_window(spec: GraphSpec, budget: Budget, expected: dict, actual: dict) -> float:
     """The margin within which ids may differ: the spec's own, or twice the evidence output's error at
     the positions where the ids agree, whichever is larger."""
-    window = spec.tie_threshold
+    window = spec.tie_threshold * budget.tie_scale
     if spec.tie_evidence is not None:
         ids = next(t.name for t in spec.outputs if t.kind == "ids")
         agree = expected[ids] == np.asarray(actual[ids])

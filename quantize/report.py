@@ -10,6 +10,7 @@ import numpy as np
 
 from meissonic_export.validate import psnr_db
 from runtimes.bundle import Manifest
+from runtimes.coreml_backend import CoreMLBackend
 from runtimes.onnx_backend import OnnxBackend
 from runtimes.sampler import ModelFacts, Request, Sampler
 from runtimes.tokenizer import CLIPTokenizer
@@ -19,25 +20,34 @@ SEED = 0
 
 
 def sampling_quality(root, manifest: dict, steps: int) -> dict:
+    """Per target: each variant's whole sampling run against the target's base precision."""
     view = Manifest(root, manifest)
     needed = {"text_encoder", "denoise_step", "vq_decoder"}
-    if not needed <= {g.name for g in view.graphs}:
-        return {"skipped": f"needs the graphs {sorted(needed)}"}
+    if steps < 1:
+        return {"skipped": "--quality-steps 0"}
     width, height = min(view.resolutions, key=lambda r: r[0] * r[1])
     model = manifest["model"]
     facts = ModelFacts(model["mask_token_id"], model["vae_scale_factor"], model["defaults"]["aesthetic_score"])
     request = Request(prompts=[PROMPT], width=width, height=height, steps=steps, seed=SEED)
     tokenizer = CLIPTokenizer(root / "tokenizer")
-    run = lambda variant: Sampler(OnnxBackend(view, variant, verify=False), tokenizer, facts)(request, progress=False)
-    base = run(manifest["base_variant"])
-    report = {"prompt": PROMPT, "seed": SEED, "steps": steps, "resolution": [width, height], "against": manifest["base_variant"]}
-    for variant in view.variants("onnx"):
-        if variant == manifest["base_variant"]:
+    report = {"prompt": PROMPT, "seed": SEED, "steps": steps, "resolution": [width, height]}
+    for target in manifest["base_variants"]:
+        if not needed <= {g.name for g in view.graphs if g.target == target}:
+            report[target] = {"skipped": f"needs the graphs {sorted(needed)}"}
             continue
-        result = run(variant)
-        psnr = psnr_db(base.pixels.astype(np.float64), result.pixels)
-        report[variant] = {
-            "token_agreement": float((result.tokens == base.tokens).mean()),
-            "image_psnr_db": psnr if np.isfinite(psnr) else "inf",
-        }
+        backend = OnnxBackend if target == "onnx" else CoreMLBackend
+        run = lambda variant: Sampler(backend(view, variant, verify=False), tokenizer, facts)(request, progress=False)  # noqa: B023
+        base_variant = view.base_variant(target)
+        base = run(base_variant)
+        figures = {"against": base_variant}
+        for variant in view.variants(target):
+            if variant == base_variant:
+                continue
+            result = run(variant)
+            psnr = psnr_db(base.pixels.astype(np.float64), result.pixels)
+            figures[variant] = {
+                "token_agreement": float((result.tokens == base.tokens).mean()),
+                "image_psnr_db": psnr if np.isfinite(psnr) else "inf",
+            }
+        report[target] = figures
     return report

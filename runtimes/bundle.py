@@ -59,13 +59,17 @@ class Manifest:
     def graphs(self) -> list[GraphEntry]:
         return [GraphEntry(g["name"], g["target"], g["variant"], g["path"], g) for g in self.raw["graphs"]]
 
+    def base_variant(self, target: str) -> str:
+        """The precision every graph of `target` has (ONNX: fp32 or fp16; Core ML: fp16)."""
+        return self.raw["base_variants"][target]
+
     def variants(self, target: str) -> list[str]:
         return sorted({g.variant for g in self.graphs if g.target == target})
 
     def find(self, name: str, target: str, variant: str, resolution: tuple[int, int] | None = None) -> GraphEntry:
         """The graph `name` in `variant`, falling back to the bundle's base precision for graphs the
         variant does not quantize (the VQ graphs, for example)."""
-        for wanted in dict.fromkeys([variant, self.raw["base_variant"]]):
+        for wanted in dict.fromkeys([variant, self.base_variant(target)]):
             for graph in self.graphs:
                 wanted_size = resolution is None or graph.resolutions is None or resolution in graph.resolutions
                 if (graph.name, graph.target, graph.variant) == (name, target, wanted) and wanted_size:

@@ -36,7 +36,9 @@ class MeissonicRuntime:
         target = "coreml" if backend == "coreml" else "onnx"
         if backend not in BACKENDS:
             raise RuntimeInputError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
-        variant = variant or manifest.raw["base_variant"]
+        if target not in manifest.raw["base_variants"]:
+            raise RuntimeInputError(f"this bundle has no {target} graphs (it has {sorted(manifest.raw['base_variants'])}); export with --targets {target}")
+        variant = variant or manifest.base_variant(target)
         if variant not in manifest.variants(target):
             raise RuntimeInputError(f"variant {variant!r} is not in this bundle's {target} graphs (it has {manifest.variants(target)})")
         tokenizer_files = [p for p in manifest.raw["files"] if p.startswith("tokenizer/")]

@@ -41,6 +41,21 @@ EXPORT_RESOLUTIONS = ((512, 512), (192, 128))
 QUANTIZED_VARIANTS = ("fp16", "int8", "int4")
 
 
+def check_whole_run_report(report: dict, base: str, variants) -> None:
+    """The manifest's whole-sampling-run figures of each variant against the target's base precision.
+
+    Every variant decodes with the same VQ decoder as the base (the VQ graphs are never quantized), so
+    the images are identical exactly when the tokens are: a small model can legitimately reproduce
+    every token (int8 on the tiny model does), and then PSNR is infinite.
+    """
+    assert report["against"] == base
+    for variant in variants:
+        figures = report[variant]
+        assert 0 <= figures["token_agreement"] <= 1, (variant, figures)
+        identical_tokens, identical_images = figures["token_agreement"] == 1.0, figures["image_psnr_db"] == "inf"
+        assert identical_tokens == identical_images, (variant, figures)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
     """The golden checkpoint exported once per test session: ONNX, every graph in float32, and the
@@ -58,3 +73,18 @@ def golden_components(golden_checkpoint):
     from reference.checkpoint import COMPONENTS, load_component
 
     return {name: load_component(golden_checkpoint, name) for name in COMPONENTS}
+
+
+@pytest.fixture(scope="session")
+def manifest(tiny_bundle):
+    """The session bundle's manifest, read through the runtime's reader."""
+    from runtimes.bundle import read_manifest
+
+    return read_manifest(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def info(golden_components):
+    from meissonic_export.graphs import ModelInfo
+
+    return ModelInfo.from_components(golden_components)

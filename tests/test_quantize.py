@@ -12,28 +12,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from meissonic_export.graphs import GRAPHS, ModelInfo
+from meissonic_export.graphs import GRAPHS
 from meissonic_export.validate import BUDGETS, failures_of, reference_outputs, sqnr_db
 from quantize.onnx_quant import Layer, dequantized_weights, quantize_graph
 from quantize.recipe import Recipe
 from quantize.sensitivity import analyse, write_report
-from runtimes.bundle import read_manifest
 from runtimes.onnx_backend import OnnxGraph
 from runtimes.pipeline import MeissonicRuntime
 
-from .conftest import QUANTIZED_VARIANTS
+from .conftest import QUANTIZED_VARIANTS, check_whole_run_report
 
 QUANTIZED_GRAPHS = [name for name, spec in GRAPHS.items() if spec.quantizable]
-
-
-@pytest.fixture(scope="module")
-def manifest(tiny_bundle):
-    return read_manifest(tiny_bundle)
-
-
-@pytest.fixture(scope="module")
-def info(golden_components):
-    return ModelInfo.from_components(golden_components)
 
 
 @pytest.mark.parametrize("variant", QUANTIZED_VARIANTS)
@@ -80,9 +69,7 @@ def test_manifest_quality_report(manifest):
     for name in ("transformer", "denoise_step"):
         fp32 = manifest.find(name, "onnx", "fp32").raw["bytes"]
         assert sizes[(name, "int4")] < sizes[(name, "int8")] < sizes[(name, "fp16")] < fp32
-    quality = manifest.raw["quality"]
-    for variant in QUANTIZED_VARIANTS:
-        assert 0 <= quality[variant]["token_agreement"] <= 1 and quality[variant]["image_psnr_db"] != "inf"
+    check_whole_run_report(manifest.raw["quality"]["onnx"], "fp32", QUANTIZED_VARIANTS)
 
 
 def test_int4_recipe_records_its_mixed_bits(manifest):

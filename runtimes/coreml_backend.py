@@ -1,0 +1,108 @@
+"""Core ML execution of bundle packages, behind the same `graph(name)` interface as onnxruntime.
+
+Packages are static (one per resolution, one image: two conditioning rows), so each graph here picks
+the package by the grid in its inputs and runs a batch one image at a time. A denoise step exported
+with `--chunks N` is N packages run in sequence. On macOS the packages run in Core ML
+(`MLModel.predict`); elsewhere in the numpy evaluator of their MIL programs
+(`meissonic_export.coreml_eval`, float32 arithmetic over the stored weights), slowly but faithfully.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import BundleError, GraphEntry, verify_files
+
+
+def native_coreml() -> bool:
+    """Core ML itself runs only on macOS (coremltools' predict refuses elsewhere)."""
+    return sys.platform == "darwin"
+
+
+def load_package(path: Path):
+    """A callable dict -> dict for one `.mlpackage`: Core ML on macOS, the MIL evaluator elsewhere."""
+    if native_coreml():
+        import coremltools as ct
+
+        model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL)
+        return lambda inputs: {k: np.asarray(v) for k, v in model.predict(inputs).items()}
+    from meissonic_export.coreml_eval import CoreMLProgram
+
+    return CoreMLProgram(path)
+
+
+def run_chunks(runs, inputs: dict[str, np.ndarray], names: list[list[str]]) -> dict[str, np.ndarray]:
+    """Run callables in sequence, each on the values it names, taken from the inputs and the earlier
+    outputs; returns every value (the last chunk's outputs included)."""
+    values = dict(inputs)
+    for run, wanted in zip(runs, names):
+        values.update(run({name: values[name] for name in wanted}))
+    return values
+
+
+def _core_ml_types(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Core ML takes token ids as int32 and floats as float32."""
+    return {k: np.ascontiguousarray(v, dtype=np.int32 if np.issubdtype(v.dtype, np.integer) else np.float32) for k, v in inputs.items()}
+
+
+class CoreMLGraph:
+    """All packages of one graph (one per resolution), callable on any batch."""
+
+    def __init__(self, root: Path, entries: list[GraphEntry]):
+        self.root, self.entries, self._loaded = root, entries, {}
+        self.rows = {t["name"]: t["shape"][0] for t in entries[0].raw["inputs"]}  # "batch", "2*batch" or fixed
+
+    def _entry(self, inputs: dict[str, np.ndarray]) -> GraphEntry:
+        if "tokens" in inputs:
+            height, width = inputs["tokens"].shape[-2:]
+            size = (int(width) * 16, int(height) * 16)
+        elif "image" in inputs:
+            size = (int(inputs["image"].shape[-1]), int(inputs["image"].shape[-2]))
+        else:
+            size = None
+        for entry in self.entries:
+            if size is None or entry.resolutions is None or size in entry.resolutions:
+                return entry
+        raise BundleError(f"no Core ML package of {self.entries[0].name} for {size[0]}x{size[1]}")
+
+    def _run_one(self, entry: GraphEntry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if entry.path not in self._loaded:
+            parts = entry.raw.get("chunks") or [{"path": entry.path, "inputs": [t["name"] for t in entry.raw["inputs"]]}]
+            runs = [load_package(self.root / part["path"]) for part in parts]
+            self._loaded[entry.path] = (runs, [part["inputs"] for part in parts])
+        runs, names = self._loaded[entry.path]
+        values = run_chunks(runs, _core_ml_types(feed), names)
+        return {t["name"]: values[t["name"]] for t in entry.raw["outputs"]}
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        entry = self._entry(inputs)
+        batch = next(v.shape[0] for k, v in inputs.items() if self.rows.get(k) == "batch")
+        outputs = []
+        for b in range(batch):  # one image: its own row, or its [negative, positive] rows
+            rows = {"batch": [b], "2*batch": [b, batch + b]}
+            feed = {k: v[rows[self.rows[k]]] if self.rows.get(k) in rows else v for k, v in inputs.items()}
+            outputs.append(self._run_one(entry, feed))
+        return {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
+
+
+class CoreMLBackend:
+    def __init__(self, manifest, variant: str, verify: bool = True):
+        self.manifest, self.variant = manifest, variant
+        self.name = "coreml (MLModel.predict)" if native_coreml() else "coreml (numpy MIL evaluator: no Core ML on this OS)"
+        names = {g.name for g in manifest.graphs if g.target == "coreml"}
+        self.entries = {}
+        for name in names:
+            wanted = manifest.find(name, "coreml", variant).variant  # falls back to the base precision
+            self.entries[name] = [g for g in manifest.graphs if (g.name, g.target, g.variant) == (name, "coreml", wanted)]
+        if verify:
+            verify_files(manifest, sorted({f for entries in self.entries.values() for e in entries for f in e.raw["files"]}))
+        self._graphs: dict[str, CoreMLGraph] = {}
+
+    def graph(self, name: str) -> CoreMLGraph:
+        if name not in self._graphs:
+            if name not in self.entries:
+                raise BundleError(f"{self.manifest.root}: this bundle has no Core ML {name} graph")
+            self._graphs[name] = CoreMLGraph(self.manifest.root, self.entries[name])
+        return self._graphs[name]
