@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+NEURAL_ENGINE_BYTES = 1e9  # packages larger than this load slowly or not at all on the Neural Engine (Apple's SD tooling splits at it)
+
 
 class UsageError(Exception):
     """Bad command-line input, reported as one line."""
@@ -100,6 +102,9 @@ def _print_summary(manifest: dict, out: Path) -> None:
         parity = ", ".join(f"{name} {key}={value:.4g}" if not isinstance(value, str) else f"{name} {key}={value}" for name, (key, value) in worst.items())
         name = graph["name"] + (f"@{graph['resolution'][0]}x{graph['resolution'][1]}" if "resolution" in graph else "")
         print(f"{name:<24}{graph['target']:<8}{graph['variant']:<9}{graph['bytes'] / 1e6:>9.1f}  {parity}")
+        for part in graph.get("chunks", []):
+            too_large = "  over the Neural Engine's ~1 GB: use more --chunks" if part["bytes"] > NEURAL_ENGINE_BYTES else ""
+            print(f"{'  ' + Path(part['path']).name:<41}{part['bytes'] / 1e6:>9.1f}{too_large}")
     quality = manifest.get("quality", {})
     for target, figures in quality.items():
         if not isinstance(figures, dict) or "against" not in figures:

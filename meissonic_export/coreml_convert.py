@@ -45,18 +45,14 @@ GPU/CPU; "norm_statistics" is the expensive one (a few ops per norm). Pass `fp32
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import coremltools as ct
 import numpy as np
 import torch
-from coremltools.converters.mil import Builder as mb
-from coremltools.converters.mil.frontend.torch import ops as torch_ops
-from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
-from coremltools.converters.mil.mil import types
 from torch import nn
 
 from reference.scheduler import categorical_by_inverse_cdf
@@ -65,6 +61,13 @@ from runtimes.coreml_backend import run_chunks
 
 from .graphs import DenoiseStepGraph, GraphSpec, TensorSpec
 from .quiet import quiet
+
+with quiet():  # coremltools logs on import that torch 2.13 is untested and, off macOS, that its native Core ML library is absent
+    import coremltools as ct
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.frontend.torch import ops as torch_ops
+from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
+from coremltools.converters.mil.mil import types
 
 PRECISIONS = ("fp16", "fp32")
 TARGETS = {"iOS17": ct.target.iOS17, "iOS18": ct.target.iOS18, "macOS14": ct.target.macOS14, "macOS15": ct.target.macOS15}
@@ -337,11 +340,14 @@ class Fp32Regions:
 #   chunk 0:   tokens + conditioning -> embeddings (temb, text and image streams) -> first blocks
 #   middle:    hidden states -> a range of blocks -> hidden states
 #   last:      remaining blocks -> head -> guidance, softmax, draw (the spec's outputs)
-# The 14 + 28 blocks are numbered in order and split evenly. Intermediate tensors are named inputs and
-# outputs: `temb` [2B, D] (made by chunk 0, read by all others); `image_hidden` [2B, h*w, D] and `text_hidden` [2B, 77, D] while
-# inside the dual-stream blocks; `joint_hidden` [2B, 77 + h*w, D] (text first) in the single-stream
-# ones; h x w is the compressed grid (height/2 x width/2). The rotary tables depend only on the grid
-# and fold into constants in every chunk that needs them.
+# The 14 + 28 blocks are numbered in order and split where the weight bytes balance (a dual-stream block
+# holds 2.4x the weights of a single-stream one, so equal block counts would give the 1B model a 1.3 GB
+# first half and a 0.7 GB second). Intermediate tensors are named inputs and outputs: `temb` [2B, D]
+# (made by chunk 0, read by all others); `image_hidden_K` [2B, h*w, D] and `text_hidden_K` [2B, 77, D]
+# inside the dual-stream blocks, `joint_hidden_K` [2B, 77 + h*w, D] (text first) in the single-stream
+# ones, K the index of the block they enter (Core ML refuses a name that is both input and output, as
+# a chunk within the dual-stream blocks would have); h x w is the compressed grid (height/2 x width/2).
+# The rotary tables depend only on the grid and fold into constants in every chunk that needs them.
 
 _HIDDEN = {
     "temb": TensorSpec("temb", "float32", ("2*batch", "D"), doc="timestep + text conditioning vector"),
@@ -355,12 +361,20 @@ _EMBEDDING_MODULES = (
     "time_text_embed", "cond_embed", "context_embedder", "encoder_proj_layer_norm", "embed", "project_to_hidden_norm",
     "project_to_hidden",
 )  # fmt: skip
+_HEAD_MODULES = ("project_from_hidden_norm", "project_from_hidden", "up_block", "mlm_layer")
 _TRANSFORMER_INPUTS = ("tokens", "encoder_hidden_states", "pooled_projections", "micro_conds", "timestep")
 
 
 def _state(block_index: int, dual_blocks: int) -> tuple[str, ...]:
-    """The hidden tensors between blocks `block_index - 1` and `block_index`."""
-    return ("image_hidden", "text_hidden", "temb") if block_index <= dual_blocks else ("joint_hidden", "temb")
+    """The names of the hidden tensors between blocks `block_index - 1` and `block_index`."""
+    streams = ("image_hidden", "text_hidden") if block_index <= dual_blocks else ("joint_hidden",)
+    return (*(f"{stream}_{block_index}" for stream in streams), "temb")
+
+
+def _stream(name: str) -> str:
+    """`image_hidden_8` -> `image_hidden`; every other name is its own."""
+    stem, _, index = name.rpartition("_")
+    return stem if index.isdigit() and stem in _HIDDEN else name
 
 
 class DenoiseChunk(nn.Module):
@@ -421,7 +435,7 @@ class DenoiseChunk(nn.Module):
         return self.grid[0] // factor, self.grid[1] // factor
 
     def forward(self, *args):
-        values = dict(zip(self.input_names, args))
+        values = {_stream(name): value for name, value in zip(self.input_names, args)}
         if self.first:
             values.update(self._embed(*(values[n] for n in _TRANSFORMER_INPUTS)))
         temb = values["temb"]
@@ -436,7 +450,7 @@ class DenoiseChunk(nn.Module):
         if self.last:
             x = values["joint_hidden"][:, TEXT_POSITIONS:] if "joint_hidden" in values else values["image_hidden"]
             values.update(self._head(x, values["guidance_scale"], values["uniforms"]))
-        return tuple(values[name] for name in self.output_names)
+        return tuple(values[_stream(name)] for name in self.output_names)
 
 
 @dataclass
@@ -453,7 +467,11 @@ def split_denoise_step(spec: GraphSpec, module: DenoiseStepGraph, chunks: int, g
     total = dual + len(transformer.single_transformer_blocks)
     if not 1 <= chunks <= total:
         raise ValueError(f"chunks={chunks}: must be between 1 and the number of blocks ({total})")
-    bounds = [round(i * total / chunks) for i in range(chunks + 1)]  # strictly increasing: chunks <= total
+    sizes = [_parameters(block) for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
+    head = sum(_parameters(getattr(transformer, name, nn.Identity())) for name in _HEAD_MODULES)
+    sizes[-1] += head  # the last chunk carries the head, the first the embeddings
+    sizes[0] += _parameters(transformer) - sum(sizes)
+    bounds = balanced_bounds(sizes, chunks)
     by_name = {t.name: t for t in (*spec.inputs, *spec.outputs)}
     tail_inputs = ("guidance_scale", "uniforms")
     result = []
@@ -465,13 +483,28 @@ def split_denoise_step(spec: GraphSpec, module: DenoiseStepGraph, chunks: int, g
         outputs = spec.output_names() if stop == total else [n for n in _state(stop, dual) if start == 0 or n != "temb"]
         chunk_spec = GraphSpec(
             f"{spec.name}.chunk{i}", spec.component, DenoiseChunk,
-            inputs=tuple(by_name.get(n) or _HIDDEN[n] for n in inputs),
-            outputs=tuple(by_name.get(n) or _HIDDEN[n] for n in outputs),
+            inputs=tuple(by_name.get(n) or dataclasses.replace(_HIDDEN[_stream(n)], name=n) for n in inputs),
+            outputs=tuple(by_name.get(n) or dataclasses.replace(_HIDDEN[_stream(n)], name=n) for n in outputs),
             description=f"{spec.description}; chunk {i + 1} of {chunks}: blocks {start}-{stop - 1}",
             sample=spec.sample, weights_prefix=spec.weights_prefix, quantizable=spec.quantizable,
         )  # fmt: skip
         result.append(Chunk(chunk_spec, DenoiseChunk(module, start, stop, grid, chunk_spec).eval()))
     return result
+
+
+def _parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def balanced_bounds(sizes: list[int], chunks: int) -> list[int]:
+    """Indices 0 = b0 < b1 < ... < b_chunks = len(sizes) that cut `sizes` into `chunks` runs of nearly
+    equal sum: each cut is the one closest to its share of the total, kept strictly increasing."""
+    cumulative = np.cumsum([0, *sizes])
+    bounds = [0]
+    for i in range(1, chunks):
+        closest = int(np.abs(cumulative - cumulative[-1] * i / chunks).argmin())
+        bounds.append(min(max(closest, bounds[-1] + 1), len(sizes) - (chunks - i)))
+    return [*bounds, len(sizes)]
 
 
 def torch_runner(chunk: Chunk) -> Callable[[dict], dict]:

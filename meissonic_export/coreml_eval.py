@@ -27,6 +27,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from .quiet import quiet
+
+with quiet():  # coremltools logs on import that torch 2.13 is untested and, off macOS, that its native Core ML library is absent
+    import coremltools as ct
 from coremltools.converters.mil.mil import types
 from coremltools.converters.mil.mil.var import Var
 
@@ -46,7 +51,6 @@ class _Bound:
 
 
 def _load_program(path: Path):
-    import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load
 
     model = ct.models.MLModel(str(path), skip_model_load=True)

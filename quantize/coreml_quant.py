@@ -14,14 +14,16 @@ NaN in a palette).
 """
 from __future__ import annotations
 
-import coremltools as ct
-import coremltools.optimize.coreml as cto
 import numpy as np
 from torch import nn
 
 from meissonic_export.quiet import quiet
 
 from .recipe import Recipe
+
+with quiet():  # coremltools logs on import that torch 2.13 is untested and, off macOS, that its native Core ML library is absent
+    import coremltools as ct
+import coremltools.optimize.coreml as cto
 
 COREML_VARIANTS = ("int8", "int4", "palette4", "palette6")
 MINIMUM_TARGET = {"int8": "iOS17", "int4": "iOS18", "palette4": "iOS17", "palette6": "iOS17"}

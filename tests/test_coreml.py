@@ -414,11 +414,33 @@ def test_torch_chunks_equal_the_whole_graph(modules, info):
         split_denoise_step(spec, module, 5, ONE_GRID)
 
 
+def test_chunks_balance_the_weight_bytes_of_the_1b_configuration():
+    """On the meta device (no memory): the released 1B step (2.01 GB in float16) splits into chunks of
+    nearly equal weight bytes, not equal block counts (a dual-stream block is 2.4x a single-stream
+    one); three chunks are each under the Neural Engine's ~1 GB."""
+    from meissonic_export.graphs import DenoiseStepGraph
+    from reference.presets import PRESETS
+    from reference.transformer import MeissonicTransformer
+
+    with torch.device("meta"):
+        step = DenoiseStepGraph(MeissonicTransformer(PRESETS["meissonic-1b"].transformer))
+    total = sum(p.numel() for p in step.parameters())
+    for count in (2, 3, 4):
+        chunks = split_denoise_step(GRAPHS["denoise_step"], step, count, (32, 32))
+        sizes = [sum(p.numel() for p in chunk.module.parameters()) for chunk in chunks]
+        assert sum(sizes) == total  # every weight in exactly one chunk
+        assert max(sizes) / min(sizes) < 1.1, (count, sizes)  # equal block counts: 1.8x at two chunks
+        if count >= 3:
+            assert max(sizes) * 2 < 1e9, sizes  # float16 bytes
+
+
 def test_coreml_chunks_chained_equal_the_whole_package(tmp_path, package, modules, info):
     spec, module = GRAPHS["denoise_step"], modules["denoise_step"]
     inputs = _inputs("denoise_step", info, ONE_GRID, seed=3)
     converted = convert_denoise_chunks(spec, module, inputs, 3, "fp32")
-    assert [c.spec.output_names() for c, _ in converted] == [["image_hidden", "text_hidden", "temb"], ["joint_hidden"], spec.output_names()]
+    # the tiny model's 2 + 2 blocks: the first chunk ends inside the dual-stream blocks
+    assert converted[0][0].spec.output_names() == ["image_hidden_1", "text_hidden_1", "temb"]
+    assert converted[-1][0].spec.output_names() == spec.output_names()
     programs = [CoreMLProgram(save_mlpackage(model, tmp_path / chunk.spec.name)) for chunk, model in converted]
     chained = run_chunks(programs, inputs, [c.spec.input_names() for c, _ in converted])
     whole = CoreMLProgram(package("denoise_step", "fp32", ONE_GRID))(inputs)
