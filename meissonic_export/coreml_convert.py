@@ -55,11 +55,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from reference.scheduler import categorical_by_inverse_cdf
-from reference.transformer import MICRO_COND_DIM, TEXT_POSITIONS, position_ids, rotary_tables, sinusoid
+from reference.transformer import TEXT_POSITIONS, MeissonicTransformer
 from runtimes.coreml_backend import run_chunks
 
-from .graphs import DenoiseStepGraph, GraphSpec, TensorSpec
+from .graphs import DenoiseStepGraph, GraphSpec, TensorSpec, draw, guided_probabilities
 from .quiet import quiet
 
 with quiet():  # coremltools logs on import that torch 2.13 is untested and, off macOS, that its native Core ML library is absent
@@ -358,8 +357,8 @@ _HIDDEN = {
 
 
 _EMBEDDING_MODULES = (
-    "time_text_embed", "cond_embed", "context_embedder", "encoder_proj_layer_norm", "embed", "project_to_hidden_norm",
-    "project_to_hidden",
+    "time_text_embed", "cond_embed", "context_embedder", "encoder_proj_layer_norm", "embed", "down_block",
+    "project_to_hidden_norm", "project_to_hidden",
 )  # fmt: skip
 _HEAD_MODULES = ("project_from_hidden_norm", "project_from_hidden", "up_block", "mlm_layer")
 _TRANSFORMER_INPUTS = ("tokens", "encoder_hidden_states", "pooled_projections", "micro_conds", "timestep")
@@ -377,69 +376,37 @@ def _stream(name: str) -> str:
     return stem if index.isdigit() and stem in _HIDDEN else name
 
 
-class DenoiseChunk(nn.Module):
+class DenoiseChunk(MeissonicTransformer):
     """Blocks [start, stop) of a DenoiseStepGraph, with the embeddings if first and the head if last.
 
-    Its arguments are `input_names` in order; it returns `output_names` in order. The computation
-    repeats MeissonicTransformer.forward and DenoiseStepGraph.forward piece by piece (the tests check
-    that the chained chunks equal the whole graph)."""
+    A partial MeissonicTransformer: it registers only the modules it runs (a package holds its own
+    weights and no others) and inherits the transformer's `embed_inputs`, `rotary` and `head`, so it
+    computes the whole graph's operations, cut between blocks (the tests check that chained chunks equal
+    the whole graph bit for bit). Its arguments are `input_names` in order; it returns `output_names`."""
 
     def __init__(self, step: DenoiseStepGraph, start: int, stop: int, grid: tuple[int, int], spec: GraphSpec):
-        super().__init__()
+        nn.Module.__init__(self)  # not MeissonicTransformer.__init__: share the step's modules, build none
         t = step.transformer
         self.config, self.grid, self.start, self.stop = t.config, grid, start, stop
         self.dual_blocks = len(t.transformer_blocks)
         blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
         self.blocks = nn.ModuleList(blocks[start:stop])
         self.first, self.last = start == 0, stop == len(blocks)
-        if self.first:
-            for name in _EMBEDDING_MODULES:
+        shared = (_EMBEDDING_MODULES if self.first else ()) + (_HEAD_MODULES if self.last else ())
+        for name in shared:
+            if hasattr(t, name):  # down_block and up_block exist only in downsampling models
                 setattr(self, name, getattr(t, name))
-            self.down_block = t.down_block if t.config.downsample else None
-        if self.last:
-            self.project_from_hidden_norm, self.project_from_hidden = t.project_from_hidden_norm, t.project_from_hidden
-            self.up_block = t.up_block if t.config.downsample else None
-            self.mlm_layer = t.mlm_layer
         self.input_names, self.output_names = spec.input_names(), spec.output_names()
-
-    def _embed(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep):
-        tokens = torch.cat([tokens, tokens])  # [negative, positive] rows, as DenoiseStepGraph does
-        rows = tokens.shape[0]
-        micro = sinusoid(micro_conds.flatten(), MICRO_COND_DIM).reshape(rows, 5 * MICRO_COND_DIM)
-        cond = self.cond_embed(torch.cat([pooled_projections, micro], dim=1))
-        temb = self.time_text_embed(timestep.float() * 1000, cond)
-        context = self.encoder_proj_layer_norm(self.context_embedder(encoder_hidden_states))
-        x = self.embed(tokens)
-        if self.down_block is not None:
-            x = self.down_block(x)
-        x = x.flatten(2).transpose(1, 2)
-        return {"image_hidden": self.project_to_hidden(self.project_to_hidden_norm(x)), "text_hidden": context, "temb": temb}
-
-    def _head(self, x, guidance_scale, uniforms):
-        rows, (h, w) = x.shape[0], self._compressed()
-        x = self.project_from_hidden(self.project_from_hidden_norm(x))
-        x = x.transpose(1, 2).reshape(rows, x.shape[-1], h, w)
-        if self.up_block is not None:
-            x = self.up_block(x)
-        logits = self.mlm_layer(x)
-        batch = rows // 2
-        uncond, cond = logits[:batch], logits[batch:]
-        logits = torch.where(guidance_scale > 1, uncond + guidance_scale * (cond - uncond), cond)
-        probs = logits.flatten(2).transpose(1, 2).softmax(dim=-1)
-        sampled = categorical_by_inverse_cdf(probs, uniforms)
-        log_probs = torch.log(torch.gather(probs, -1, sampled[..., None])[..., 0].clamp(1e-20))
-        return {"sampled_tokens": sampled, "log_probs": log_probs}
-
-    def _compressed(self) -> tuple[int, int]:
-        factor = 2 if self.config.downsample else 1
-        return self.grid[0] // factor, self.grid[1] // factor
 
     def forward(self, *args):
         values = {_stream(name): value for name, value in zip(self.input_names, args)}
-        if self.first:
-            values.update(self._embed(*(values[n] for n in _TRANSFORMER_INPUTS)))
+        factor = 2 if self.config.downsample else 1
+        h, w = self.grid[0] // factor, self.grid[1] // factor
+        if self.first:  # [negative, positive] rows, as DenoiseStepGraph does
+            tokens, *conditioning = (values[n] for n in _TRANSFORMER_INPUTS)
+            values["image_hidden"], values["text_hidden"], values["temb"], _ = self.embed_inputs(torch.cat([tokens, tokens]), *conditioning)
         temb = values["temb"]
-        rotary = rotary_tables(position_ids(*self._compressed(), device=temb.device), self.config.axes_dims_rope)
+        rotary = self.rotary(h, w, temb.device)
         for index, block in zip(range(self.start, self.stop), self.blocks):
             if index < self.dual_blocks:
                 values["image_hidden"], values["text_hidden"] = block(values["image_hidden"], values["text_hidden"], temb, rotary)
@@ -449,7 +416,9 @@ class DenoiseChunk(nn.Module):
                 values["joint_hidden"] = block(values["joint_hidden"], temb, rotary)
         if self.last:
             x = values["joint_hidden"][:, TEXT_POSITIONS:] if "joint_hidden" in values else values["image_hidden"]
-            values.update(self._head(x, values["guidance_scale"], values["uniforms"]))
+            logits = self.head(x, h, w)
+            probs = guided_probabilities(logits, values["guidance_scale"], logits.shape[0] // 2)
+            values["sampled_tokens"], values["log_probs"] = draw(probs, values["uniforms"])
         return tuple(values[_stream(name)] for name in self.output_names)
 
 

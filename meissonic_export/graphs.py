@@ -142,19 +142,27 @@ class DenoiseStepGraph(nn.Module):
 
     def probabilities(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale):
         """-> probs [B, H*W, codebook] after guidance, exactly as the reference pipeline computes them."""
-        batch = tokens.shape[0]
         logits = self.transformer(torch.cat([tokens, tokens]), encoder_hidden_states, pooled_projections, micro_conds, timestep)
-        # Slicing by the batch (not chunk(2)) keeps the batch symbolic when traced.
-        uncond, cond = logits[:batch], logits[batch:]
-        # The official pipeline skips guidance at scale <= 1 and uses the conditional logits alone.
-        logits = torch.where(guidance_scale > 1, uncond + guidance_scale * (cond - uncond), cond)
-        return logits.flatten(2).transpose(1, 2).softmax(dim=-1)
+        return guided_probabilities(logits, guidance_scale, tokens.shape[0])
 
     def forward(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale, uniforms):
         probs = self.probabilities(tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale)
-        sampled = categorical_by_inverse_cdf(probs, uniforms)
-        log_probs = torch.log(torch.gather(probs, -1, sampled[..., None])[..., 0].clamp(1e-20))
-        return sampled, log_probs
+        return draw(probs, uniforms)
+
+
+def guided_probabilities(logits: torch.Tensor, guidance_scale: torch.Tensor, batch) -> torch.Tensor:
+    """logits [2B, codebook, H, W] of the [negative, positive] rows -> probs [B, H*W, codebook]."""
+    # Slicing by the batch (not chunk(2)) keeps the batch symbolic when traced.
+    uncond, cond = logits[:batch], logits[batch:]
+    # The official pipeline skips guidance at scale <= 1 and uses the conditional logits alone.
+    logits = torch.where(guidance_scale > 1, uncond + guidance_scale * (cond - uncond), cond)
+    return logits.flatten(2).transpose(1, 2).softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The categorical draw by inverse CDF -> sampled ids [B, H*W] and their log-probabilities."""
+    sampled = categorical_by_inverse_cdf(probs, uniforms)
+    return sampled, torch.log(torch.gather(probs, -1, sampled[..., None])[..., 0].clamp(1e-20))
 
 
 class VQDecoderGraph(nn.Module):

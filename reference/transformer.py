@@ -353,6 +353,19 @@ class MeissonicTransformer(nn.Module):
         micro_conds: torch.Tensor,  # [B,5] width, height, crop_x, crop_y, aesthetic score
         timestep: torch.Tensor,  # [1] or [B]: the step index N-1 .. 0, scaled by 1000 here as in the official model
     ) -> torch.Tensor:  # [B, codebook_size, H, W]
+        x, context, temb, (h, w) = self.embed_inputs(tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep)
+        rotary = self.rotary(h, w, x.device)
+        for block in self.transformer_blocks:
+            x, context = block(x, context, temb, rotary)
+        x = torch.cat([context, x], dim=1)
+        for block in self.single_transformer_blocks:
+            x = block(x, temb, rotary)
+        return self.head(x[:, TEXT_POSITIONS:], h, w)
+
+    # forward in three parts, so a model cut between blocks (the Core ML chunks) runs the same code
+
+    def embed_inputs(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep):
+        """-> image stream [B,h*w,D], text stream [B,77,D], conditioning vector temb [B,D], grid (h, w)."""
         batch = tokens.shape[0]
         micro = sinusoid(micro_conds.flatten(), MICRO_COND_DIM).reshape(batch, 5 * MICRO_COND_DIM)
         cond = self.cond_embed(torch.cat([pooled_projections, micro], dim=1))
@@ -362,20 +375,18 @@ class MeissonicTransformer(nn.Module):
         x = self.embed(tokens)  # [B,D,H,W]
         if self.config.downsample:
             x = self.down_block(x)  # [B,D,h,w]
-        dim, h, w = x.shape[1], x.shape[2], x.shape[3]
+        h, w = x.shape[2], x.shape[3]
         x = x.flatten(2).transpose(1, 2)  # [B,h*w,D] row-major
-        x = self.project_to_hidden(self.project_to_hidden_norm(x))
+        return self.project_to_hidden(self.project_to_hidden_norm(x)), context, temb, (h, w)
 
-        rotary = rotary_tables(position_ids(h, w, device=x.device), self.config.axes_dims_rope)
-        for block in self.transformer_blocks:
-            x, context = block(x, context, temb, rotary)
-        x = torch.cat([context, x], dim=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, temb, rotary)
-        x = x[:, TEXT_POSITIONS:]
+    def rotary(self, h: int, w: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [77 + h*w, head_dim] for the compressed grid h x w."""
+        return rotary_tables(position_ids(h, w, device=device), self.config.axes_dims_rope)
 
+    def head(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """image stream [B,h*w,D] -> logits [B, codebook_size, H, W]."""
         x = self.project_from_hidden(self.project_from_hidden_norm(x))
-        x = x.transpose(1, 2).reshape(batch, dim, h, w)
+        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
         if self.config.downsample:
             x = self.up_block(x)
         return self.mlm_layer(x)
