@@ -30,12 +30,12 @@ from runtimes.pipeline import MeissonicRuntime, RuntimeInputError
 
 from .conftest import EXPORT_RESOLUTIONS, check_whole_run_report
 
-COREML_QUANTIZED = ("int8", "int4", "palette4")
+COREML_QUANTIZED = ("int8", "int4", "palette4", "palette6")
 
 
 @pytest.fixture(scope="session")
 def coreml_bundle(tmp_path_factory, golden_checkpoint):
-    """The golden checkpoint as Core ML packages: float16, three compressed variants, the denoise step
+    """The golden checkpoint as Core ML packages: float16, every compressed variant, the denoise step
     in two chunks, the session's two resolutions."""
     from meissonic_export.export import export_bundle
 
@@ -76,7 +76,7 @@ def test_manifest_describes_every_package(coreml_manifest, info):
             assert sum(c["bytes"] for c in chunks) == raw["bytes"] and all(c["bytes"] > 0 for c in chunks)
         if graph.variant != "fp16":
             q = raw["quantization"]
-            lowest = {"int8": 8, "int4": 4, "palette4": 4}[graph.variant]
+            lowest = {"int8": 8, "int4": 4, "palette4": 4, "palette6": 6}[graph.variant]
             assert set(q["bits"].values()) <= {8, lowest}, (graph.name, graph.variant)  # the recipes keep sensitive layers at 8 bits
             assert graph.name == "text_encoder" or lowest in q["bits"].values()  # CLIP stays int8 (README: 11.9 dB at int4)
             assert q["weight_sqnr_db"] >= BUDGETS[graph.variant].min_sqnr_db, (graph.name, graph.variant, q["weight_sqnr_db"])
@@ -147,8 +147,8 @@ def test_bad_requests_name_the_problem(tiny_bundle, coreml_bundle, golden_checkp
         MeissonicRuntime.from_bundle(tiny_bundle, backend="coreml")
     with pytest.raises(RuntimeInputError, match="no onnx graphs"):
         MeissonicRuntime.from_bundle(coreml_bundle)
-    with pytest.raises(RuntimeInputError, match="variant 'palette6' is not in"):
-        MeissonicRuntime.from_bundle(coreml_bundle, backend="coreml", variant="palette6")
+    with pytest.raises(RuntimeInputError, match="variant 'fp32' is not in"):
+        MeissonicRuntime.from_bundle(coreml_bundle, backend="coreml", variant="fp32")
     with pytest.raises(ExportError, match="Core ML variants; add --targets coreml"):
         check_options(golden_checkpoint, tmp_path / "b", ExportOptions(quantize=("palette4",)))
     with pytest.raises(ExportError, match="--chunks must be at least 1"):
