@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from meissonic_export.graphs import GRAPHS
-from meissonic_export.validate import BUDGETS, failures_of, reference_outputs, sqnr_db
+from meissonic_export.validate import BUDGETS, failures_of, reference_outputs, sqnr_db, validate
 from quantize.onnx_quant import Layer, dequantized_weights, quantize_graph
 from quantize.recipe import Recipe
 from quantize.sensitivity import analyse, write_report
@@ -113,6 +113,34 @@ def test_reported_weights_are_what_the_kernel_computes_with(bits, tmp_path):
     # int4: exact dequantized weights; int8: the identity is quantized exactly (0 and 1 -> 0 and 255)
     np.testing.assert_allclose(reported.T, kernel, rtol=1e-5, atol=1e-6)
     assert sqnr_db(weight, reported.T) > (35 if bits == 8 else 18)
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_external_data_holds_each_weight_once(variant, golden_components, info, tmp_path, monkeypatch):
+    """Graphs over the external-data threshold (the 1B ones) keep their weights in model.onnx.data.
+    Every byte of it must be referenced once (onnx appends to an existing file: a re-save doubled the
+    1B int4 graph to 1.16 GB), the file readable by others, and the graph still right."""
+    from meissonic_export import onnx_export
+    from quantize.recipe import quantizable_layers
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # the tiny graph takes the 1B path
+    spec = GRAPHS["denoise_step"]
+    module = spec.build(golden_components)
+    fp32 = onnx_export.export_onnx(spec, module, onnx_export.trace_inputs(spec, info, np.random.default_rng(0)), tmp_path / "fp32", spec.shapes(info))
+    recipe = Recipe.load(variant, 32)
+    path, _ = quantize_graph(fp32, tmp_path / variant, spec.weights_prefix, recipe.plan(quantizable_layers(spec.weights_module(module))), recipe)
+    data = path.parent / "model.onnx.data"
+    extents = []
+    for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entry = {e.key: int(e.value) for e in tensor.external_data if e.key in ("offset", "length")}
+            extents.append((entry.get("offset", 0), entry["length"]))
+    assert extents and data.stat().st_size == max(offset + length for offset, length in extents)
+    assert sum(length for _, length in extents) <= data.stat().st_size < 1.1 * sum(length for _, length in extents)  # alignment only
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in (path, data))
+    inputs = spec.sample(info, {"batch": 1, "height": 8, "width": 12}, np.random.default_rng(5))
+    report = validate(spec, module, OnnxGraph(path), inputs, BUDGETS[variant])
+    assert not report["failures"], report
 
 
 @pytest.mark.parametrize(
