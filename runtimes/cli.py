@@ -73,7 +73,10 @@ def run(args) -> None:
 
     prompts, (width, height) = _prompts(args), _size(args.size)
     options = OnnxOptions(intra_op_threads=args.threads, optimization=args.optimization, providers=(args.provider,))
-    runtime = MeissonicRuntime.from_bundle(args.bundle, backend=args.backend, variant=args.variant, onnx_options=options, verify=not args.no_verify)
+    # One generation per process: each graph is loaded for its phase only (low_memory costs nothing here).
+    runtime = MeissonicRuntime.from_bundle(
+        args.bundle, backend=args.backend, variant=args.variant, onnx_options=options, verify=not args.no_verify, low_memory=True
+    )
     print(f"backend: {runtime.backend.name}, variant: {runtime.backend.variant}", file=sys.stderr)
     started = time.time()
     result = runtime.generate(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import BundleError, GraphEntry, verify_files
+from .sampler import Backend
 
 
 def native_coreml() -> bool:
@@ -87,8 +88,9 @@ class CoreMLGraph:
         return {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
 
 
-class CoreMLBackend:
+class CoreMLBackend(Backend):
     def __init__(self, manifest, variant: str, verify: bool = True):
+        super().__init__()
         self.manifest, self.variant = manifest, variant
         self.name = "coreml (MLModel.predict)" if native_coreml() else "coreml (numpy MIL evaluator: no Core ML on this OS)"
         names = {g.name for g in manifest.graphs if g.target == "coreml"}
@@ -98,11 +100,8 @@ class CoreMLBackend:
             self.entries[name] = [g for g in manifest.graphs if (g.name, g.target, g.variant) == (name, "coreml", wanted)]
         if verify:
             verify_files(manifest, sorted({f for entries in self.entries.values() for e in entries for f in e.raw["files"]}))
-        self._graphs: dict[str, CoreMLGraph] = {}
 
-    def graph(self, name: str) -> CoreMLGraph:
-        if name not in self._graphs:
-            if name not in self.entries:
-                raise BundleError(f"{self.manifest.root}: this bundle has no Core ML {name} graph")
-            self._graphs[name] = CoreMLGraph(self.manifest.root, self.entries[name])
-        return self._graphs[name]
+    def _load(self, name: str) -> CoreMLGraph:
+        if name not in self.entries:
+            raise BundleError(f"{self.manifest.root}: this bundle has no Core ML {name} graph")
+        return CoreMLGraph(self.manifest.root, self.entries[name])

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import BundleError
+from .sampler import Backend
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -49,7 +50,9 @@ class OnnxGraph:
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {name: _as_onnx_type(inputs[name], kind) for name, kind in self.input_types.items()}
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds)))
+        # onnxruntime's outputs are views of its own buffers: a kept view pins the session's memory arena
+        # (hundreds of MB for the 1B step) after the session is gone. The outputs are small; copy them.
+        return {name: np.array(value, copy=True) for name, value in zip(names, self.session.run(names, feeds))}
 
 
 def _as_onnx_type(array: np.ndarray, onnx_type: str) -> np.ndarray:
@@ -57,7 +60,7 @@ def _as_onnx_type(array: np.ndarray, onnx_type: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-class OnnxBackend:
+class OnnxBackend(Backend):
     """The bundle's ONNX graphs of one variant. Every file is checked against the manifest's sha256 up
     front (a corrupt bundle fails before any work); sessions are created on first use."""
 
@@ -66,15 +69,13 @@ class OnnxBackend:
     def __init__(self, manifest, variant: str, options: OnnxOptions | None = None, verify: bool = True):
         from .bundle import verify_files
 
+        super().__init__()
         self.manifest, self.variant, self.options = manifest, variant, options or OnnxOptions()
         self.entries = {g.name: manifest.find(g.name, "onnx", variant) for g in manifest.graphs if g.target == "onnx"}
         if verify:
             verify_files(manifest, sorted({f for entry in self.entries.values() for f in entry.raw["files"]}))
-        self._graphs: dict[str, OnnxGraph] = {}
 
-    def graph(self, name: str) -> OnnxGraph:
-        if name not in self._graphs:
-            if name not in self.entries:
-                raise BundleError(f"{self.manifest.root}: this bundle has no {name} graph")
-            self._graphs[name] = OnnxGraph(self.manifest.root / self.entries[name].path, self.options)
-        return self._graphs[name]
+    def _load(self, name: str) -> OnnxGraph:
+        if name not in self.entries:
+            raise BundleError(f"{self.manifest.root}: this bundle has no {name} graph")
+        return OnnxGraph(self.manifest.root / self.entries[name].path, self.options)

@@ -23,15 +23,20 @@ class RuntimeInputError(ValueError):
 
 
 class MeissonicRuntime:
-    def __init__(self, manifest, backend, tokenizer):
+    def __init__(self, manifest, backend, tokenizer, low_memory: bool = False):
         self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
         model = manifest.model
-        self.sampler = Sampler(backend, tokenizer, ModelFacts(model["mask_token_id"], model["vae_scale_factor"], model["defaults"]["aesthetic_score"]))
+        facts = ModelFacts(model["mask_token_id"], model["vae_scale_factor"], model["defaults"]["aesthetic_score"])
+        self.sampler = Sampler(backend, tokenizer, facts, low_memory=low_memory)
 
     @classmethod
-    def from_bundle(cls, bundle, backend: str = "onnx", variant: str | None = None, onnx_options: OnnxOptions | None = None, verify: bool = True):
+    def from_bundle(
+        cls, bundle, backend: str = "onnx", variant: str | None = None, onnx_options: OnnxOptions | None = None, verify: bool = True,
+        low_memory: bool = False,
+    ):  # fmt: skip
         """`variant`: fp32, fp16, int8, int4 (default: the bundle's base precision). `verify`: check every
-        file against the manifest's sha256 before use."""
+        file against the manifest's sha256 before use. `low_memory`: load each graph for its phase only
+        (peak memory of the largest graph instead of all of them; reloads on every generation)."""
         manifest = read_manifest(Path(bundle))
         target = "coreml" if backend == "coreml" else "onnx"
         if backend not in BACKENDS:
@@ -50,7 +55,7 @@ class MeissonicRuntime:
             from .coreml_backend import CoreMLBackend
 
             backend_impl = CoreMLBackend(manifest, variant, verify=verify)
-        return cls(manifest, backend_impl, CLIPTokenizer(manifest.root / "tokenizer"))
+        return cls(manifest, backend_impl, CLIPTokenizer(manifest.root / "tokenizer"), low_memory)
 
     def generate(
         self,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,10 +26,26 @@ Graph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 LOG_FLOAT32_MAX = np.log(np.finfo(np.float32).max, dtype=np.float32)  # confidence of tokens that are given
 
 
-class Backend(Protocol):
+class Backend:
+    """Where the graphs run. A backend loads each graph on first use and keeps it until released;
+    subclasses say how to load one (`_load`) and name themselves (`name`, shown to the user)."""
+
     name: str
 
-    def graph(self, name: str) -> Graph: ...
+    def __init__(self):
+        self._graphs: dict[str, Graph] = {}
+
+    def graph(self, name: str) -> Graph:
+        if name not in self._graphs:
+            self._graphs[name] = self._load(name)
+        return self._graphs[name]
+
+    def release(self, name: str) -> None:
+        """Drop a loaded graph and its memory (weights, prepacked kernels, activation arena)."""
+        self._graphs.pop(name, None)
+
+    def _load(self, name: str) -> Graph:
+        raise NotImplementedError
 
 
 @dataclass
@@ -97,8 +112,16 @@ def gumbel(uniforms: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    def __init__(self, backend: Backend, tokenizer, facts: ModelFacts):
-        self.backend, self.tokenizer, self.facts = backend, tokenizer, facts
+    """`low_memory`: release each graph when its phase is over (text encoding, the encoding of an input
+    image, denoising, decoding), so the peak is the largest graph's, not their sum. Costs a reload per
+    generation; the command line always does it (one generation per process)."""
+
+    def __init__(self, backend: Backend, tokenizer, facts: ModelFacts, low_memory: bool = False):
+        self.backend, self.tokenizer, self.facts, self.low_memory = backend, tokenizer, facts, low_memory
+
+    def _done(self, name: str) -> None:
+        if self.low_memory:
+            self.backend.release(name)
 
     def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         out = self.backend.graph("text_encoder")({"input_ids": self.tokenizer(prompts)})
@@ -114,6 +137,7 @@ class Sampler:
         # Conditioning rows: [negative x B, positive x B], images of one prompt tiled as the reference does.
         embeds, hidden = self.encode_prompts(r.prompts)
         neg_embeds, neg_hidden = self.encode_prompts([r.negative_prompt or ""] * len(r.prompts))
+        self._done("text_encoder")
         tile = lambda x: np.tile(x, (r.num_images,) + (1,) * (x.ndim - 1))
         conditioning = {
             "encoder_hidden_states": np.concatenate([tile(neg_hidden), tile(hidden)]),
@@ -127,6 +151,7 @@ class Sampler:
         if r.image is not None:
             pixels = image_to_pixels(r.image, r.height, r.width)
             encoded = self.backend.graph("vq_encoder")({"image": pixels})["tokens"].reshape(1, positions).astype(np.int64)
+            self._done("vq_encoder")
             tokens = np.repeat(encoded, batch, axis=0)
             start = r.steps - int(r.steps * r.strength)
             if r.mask is None:  # image-to-image: re-mask at random as the schedule has it at `start`
@@ -154,6 +179,9 @@ class Sampler:
             cut_off = np.take_along_axis(np.sort(confidence, axis=-1), mask_len[:, None], axis=-1)
             tokens = np.where(confidence < cut_off, mask_id, sampled)
 
+        del step_graph
+        self._done("denoise_step")
         tokens = tokens.reshape(batch, grid_h, grid_w)
         pixels = self.backend.graph("vq_decoder")({"tokens": tokens})["image"]
+        self._done("vq_decoder")
         return Result(tokens=tokens, pixels=np.asarray(pixels, dtype=np.float32))
