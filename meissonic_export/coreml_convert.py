@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -493,10 +493,12 @@ def convert_denoise_chunks(
     precision: str,
     minimum_target: str = "iOS17",
     fp32_regions: Iterable[str] = FP32_REGIONS,
-) -> list[tuple[Chunk, ct.models.MLModel]]:
+) -> Iterator[tuple[Chunk, ct.models.MLModel]]:
     """Split denoise_step into `chunks` and convert each at the example inputs' shapes (the
-    intermediate example values come from running the torch chunks on them)."""
+    intermediate example values come from running the torch chunks on them). One chunk at a time: a
+    caller that saves each before taking the next holds one chunk's weights, not the model's."""
     grid = tuple(example_inputs["tokens"].shape[1:])
     parts = split_denoise_step(spec, module, chunks, grid)
     values = run_chunks([torch_runner(c) for c in parts[:-1]], example_inputs, [c.spec.input_names() for c in parts[:-1]])
-    return [(c, convert_graph(c.spec, c.module, values, precision, minimum_target, fp32_regions)) for c in parts]
+    for chunk in parts:
+        yield chunk, convert_graph(chunk.spec, chunk.module, values, precision, minimum_target, fp32_regions)

@@ -157,14 +157,15 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
 
 
 def _validation_cases(spec: GraphSpec, module, info: ModelInfo, resolutions, rng) -> list[ValidationCase]:
-    """One image at every resolution, plus two images at the smallest (the batch is dynamic; two
-    1024-px images through the VQ graphs would double the export's peak memory, 16 GB for the 1B
-    VQ-VAE); text: two prompts."""
+    """One image at every resolution, plus two images (the batch is dynamic) at the smallest, capped at
+    512 px a side: two 1024-px images through the 1B VQ-VAE's graphs took the export to 16 GB of
+    memory, and the batch dimension is checked as well at 512. Text: two prompts."""
     if "height" not in spec.dims:
         cases = [ValidationCase({"batch": 2}, spec.sample(info, {"batch": 2}, rng))]
     else:
         f = info.vae_scale_factor
-        sizes = [(1, w, h) for w, h in resolutions] + [(2, *min(resolutions, key=lambda r: r[0] * r[1]))]
+        smallest = min(resolutions, key=lambda r: r[0] * r[1])
+        sizes = [(1, w, h) for w, h in resolutions] + [(2, min(smallest[0], 512), min(smallest[1], 512))]
         cases = [
             ValidationCase({"batch": b, "resolution": [w, h]}, spec.sample(info, {"batch": b, "height": h // f, "width": w // f}, rng))
             for b, w, h in sizes
@@ -277,7 +278,11 @@ def _quantization_report(recipe, bits: dict[str, int], computed: dict, weights: 
 
 def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
     """One package per resolution (static shapes, one image), float16 compute, then the compressed
-    variants; each validated through the runtime's own Core ML graph (the MIL evaluator on Linux)."""
+    variants; each validated through the runtime's own Core ML graph (the MIL evaluator on Linux).
+
+    Variants that share a deployment target share one conversion. Packages are converted, compressed
+    and saved one at a time, and validated from disk afterwards: the 1B step held in memory whole, in
+    two targets and compressed, came within 1 GB of this machine's 24 GB."""
     from quantize.coreml_quant import MINIMUM_TARGET, compress, compressed_weights, recipe_for, weight_constants
     from quantize.recipe import quantizable_layers
     from runtimes.bundle import GraphEntry
@@ -288,6 +293,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
     weights = spec.weights_module(module)
     layers = quantizable_layers(weights)
     variants = options.coreml_variants if spec.quantizable else ["fp16"]
+    by_target = {target: [v for v in variants if MINIMUM_TARGET.get(v, "iOS17") == target] for target in dict.fromkeys(MINIMUM_TARGET.get(v, "iOS17") for v in variants)}
     sizes = list(options.resolutions) if "height" in spec.dims else [None]
     f = info.vae_scale_factor
     entries = []
@@ -295,56 +301,60 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
         dims = {"batch": 1} if size is None else {"batch": 1, "height": size[1] // f, "width": size[0] // f}
         example = spec.sample(info, dims, np.random.default_rng(0))
         stem = spec.name if size is None else f"{spec.name}_{size[0]}x{size[1]}"
-        converted: dict[str, list] = {}  # deployment target -> [(inputs, outputs, model, module) per package]
-        for variant in variants:
-            target = MINIMUM_TARGET.get(variant, "iOS17")
-            if target not in converted:
-                bar.set_postfix_str(f"converting {stem} ({target})")
-                converted[target] = _convert_coreml(spec, module, example, options.chunks, target)
-            bar.set_postfix_str(f"{stem} {variant}")
-            parts, bits, computed = [], {}, {}
-            for i, (inputs, outputs, model, part) in enumerate(converted[target]):
+        for target, group in by_target.items():
+            parts, bits, computed = ({v: [] for v in group}, {v: {} for v in group}, {v: {} for v in group})
+            bar.set_postfix_str(f"converting {stem} ({target})")
+            for i, (inputs, outputs, model, part) in enumerate(_convert_coreml(spec, module, example, options.chunks, target)):
                 constants = weight_constants(part, weights)
+                suffix = "" if options.chunks == 1 or spec.name != "denoise_step" else f".chunk{i}"
+                for variant in group:
+                    bar.set_postfix_str(f"{stem}{suffix} {variant}")
+                    package = model
+                    if variant != "fp16":
+                        recipe = recipe_for(variant, recipes)
+                        package, part_bits = compress(model, variant, recipe.plan(layers), constants, recipe.block_size)
+                        bits[variant].update(part_bits)
+                    path = _save_mlpackage(package, staging / "coreml" / variant / f"{stem}{suffix}.mlpackage")
+                    del package
+                    parts[variant].append({"path": _relative(path, staging), "inputs": inputs, "outputs": outputs, "bytes": _tree_bytes(path)})
+                    if variant != "fp16":
+                        computed[variant].update(compressed_weights(path, constants))
+                del model
+            for variant in group:
+                files = sorted(_relative(p, staging) for part in parts[variant] for p in (staging / part["path"]).rglob("*") if p.is_file())
+                entry = {
+                    "name": spec.name, "target": "coreml", "variant": variant, "path": parts[variant][0]["path"], "files": files,
+                    "bytes": sum(part["bytes"] for part in parts[variant]), "deployment_target": target,
+                    **({"resolution": list(size)} if size else {}), "static_shapes": dims,
+                    "precision": {
+                        "compute": f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})",
+                        "weights": {"fp16": "float16"}.get(variant, variant), "inputs_outputs": "float32; token ids int32",
+                    },
+                    "description": spec.description, **spec.interface(info, {"int64": "int32"}),
+                    **({"chunks": parts[variant]} if len(parts[variant]) > 1 else {}),
+                }  # fmt: skip
                 if variant != "fp16":
-                    recipe = recipe_for(variant, recipes)
-                    model, part_bits = compress(model, variant, recipe.plan(layers), constants, recipe.block_size)
-                    bits.update(part_bits)
-                suffix = f".chunk{i}" if len(converted[target]) > 1 else ""
-                path = _save_mlpackage(model, staging / "coreml" / variant / f"{stem}{suffix}.mlpackage")
-                parts.append({"path": _relative(path, staging), "inputs": inputs, "outputs": outputs, "bytes": _tree_bytes(path)})
-                if variant != "fp16":
-                    computed.update(compressed_weights(path, constants))
-            files = sorted(_relative(p, staging) for part in parts for p in (staging / part["path"]).rglob("*") if p.is_file())
-            entry = {
-                "name": spec.name, "target": "coreml", "variant": variant, "path": parts[0]["path"], "files": files,
-                "bytes": sum(part["bytes"] for part in parts), "deployment_target": target,
-                **({"resolution": list(size)} if size else {}), "static_shapes": dims,
-                "precision": {
-                    "compute": f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})",
-                    "weights": {"fp16": "float16"}.get(variant, variant), "inputs_outputs": "float32; token ids int32",
-                },
-                "description": spec.description, **spec.interface(info, {"int64": "int32"}),
-                **({"chunks": parts} if len(parts) > 1 else {}),
-            }  # fmt: skip
-            if variant != "fp16":
-                entry["quantization"] = _quantization_report(recipe_for(variant, recipes), bits, computed, weights, [])
-            bar.set_postfix_str(f"validating {stem} {variant}")
-            graph = CoreMLGraph(staging, [GraphEntry(spec.name, "coreml", variant, entry["path"], entry)])
-            own = [c for c in cases if c.label.get("resolution") in (None, list(size) if size else None)]
-            entry["parity"] = run_validation(spec, module, graph, own, f"coreml {variant}", BUDGETS[variant])
-            entry["budget"] = BUDGETS[variant].to_dict()
-            entries.append(entry)
+                    entry["quantization"] = _quantization_report(recipe_for(variant, recipes), bits[variant], computed[variant], weights, [])
+                bar.set_postfix_str(f"validating {stem} {variant}")
+                graph = CoreMLGraph(staging, [GraphEntry(spec.name, "coreml", variant, entry["path"], entry)])
+                own = [c for c in cases if c.label.get("resolution") in (None, list(size) if size else None)]
+                entry["parity"] = run_validation(spec, module, graph, own, f"coreml {variant}", BUDGETS[variant])
+                entry["budget"] = BUDGETS[variant].to_dict()
+                entries.append(entry)
+                del graph
     return entries
 
 
-def _convert_coreml(spec: GraphSpec, module, example: dict, chunks: int, target: str) -> list[tuple]:
-    """[(input names, output names, MLModel, the torch module converted)] per package."""
+def _convert_coreml(spec: GraphSpec, module, example: dict, chunks: int, target: str):
+    """Yields (input names, output names, MLModel, the torch module converted) per package."""
     from .coreml_convert import convert_denoise_chunks, convert_graph
 
     if spec.name == "denoise_step" and chunks > 1:
-        parts = convert_denoise_chunks(spec, module, example, chunks, "fp16", target)
-        return [(c.spec.input_names(), c.spec.output_names(), model, c.module) for c, model in parts]
-    return [(spec.input_names(), spec.output_names(), convert_graph(spec, module, example, "fp16", target), module)]
+        for chunk, model in convert_denoise_chunks(spec, module, example, chunks, "fp16", target):
+            yield chunk.spec.input_names(), chunk.spec.output_names(), model, chunk.module
+            del model  # before the next chunk converts
+    else:
+        yield spec.input_names(), spec.output_names(), convert_graph(spec, module, example, "fp16", target), module
 
 
 def _save_mlpackage(model, path: Path) -> Path:

@@ -437,7 +437,7 @@ def test_chunks_balance_the_weight_bytes_of_the_1b_configuration():
 def test_coreml_chunks_chained_equal_the_whole_package(tmp_path, package, modules, info):
     spec, module = GRAPHS["denoise_step"], modules["denoise_step"]
     inputs = _inputs("denoise_step", info, ONE_GRID, seed=3)
-    converted = convert_denoise_chunks(spec, module, inputs, 3, "fp32")
+    converted = list(convert_denoise_chunks(spec, module, inputs, 3, "fp32"))
     # the tiny model's 2 + 2 blocks: the first chunk ends inside the dual-stream blocks
     assert converted[0][0].spec.output_names() == ["image_hidden_1", "text_hidden_1", "temb"]
     assert converted[-1][0].spec.output_names() == spec.output_names()
