@@ -131,11 +131,14 @@ class CoreMLProgram:
         )
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.trace(inputs)
+        values = self._evaluate(inputs, keep=False)
         return {name: np.asarray(values[name]) for name in self.output_names}
 
     def trace(self, inputs: dict[str, np.ndarray]) -> dict[str, object]:
         """Every variable's value (inputs, weights, intermediates, outputs) by name; for debugging."""
+        return self._evaluate(inputs, keep=True)
+
+    def _evaluate(self, inputs: dict[str, np.ndarray], keep: bool) -> dict[str, object]:
         values = dict(self._constants)
         for name, var in self.inputs.items():
             if name not in inputs:
@@ -144,25 +147,30 @@ class CoreMLProgram:
         unknown = set(inputs) - set(self.inputs)
         if unknown:
             raise ValueError(f"{self.path.name}: unknown input(s) {sorted(unknown)}; expected {list(self.inputs)}")
-        self._run([op for op in self.operations if not _is_constant(op)], values)
+        self._run([op for op in self.operations if not _is_constant(op)], values, keep)
         return values
 
-    def _run(self, operations, values: dict) -> None:
-        """Evaluate `operations` in order into `values`, binding each op's inputs to their values."""
-        bound: dict[int, tuple[Var, object, object]] = {}
-        try:
-            for op in operations:
-                if op.op_type != "const":
-                    for var in _input_vars(op):
-                        if id(var) not in bound:
-                            bound[id(var)] = (var, var._sym_val, var._sym_type)
-                            # value_inference code casts some results to the input's dtype: say float32
-                            var._sym_type = _float32_type(var._sym_type)
-                        var._sym_val = _Bound(_compute_value(values[var.name]))
+    def _run(self, operations, values: dict, keep: bool = True) -> None:
+        """Evaluate `operations` in order into `values`, binding each op's inputs to their values for the
+        op's own evaluation (and restoring them after: the program stays as loaded). `keep=False` drops
+        every intermediate after its last use: a 1B chunk kept whole holds ~5 GB of activations at 1024 px."""
+        last_use = {} if keep else {var.name: i for i, op in enumerate(operations) for var in _input_vars(op)}
+        kept = set(self.output_names) | set(self._constants)
+        for i, op in enumerate(operations):
+            inputs = _input_vars(op) if op.op_type != "const" else []
+            saved = [(var, var._sym_val, var._sym_type) for var in inputs]
+            try:
+                for var in inputs:
+                    # value_inference code casts some results to the input's dtype: say float32
+                    var._sym_type = _float32_type(var._sym_type)
+                    var._sym_val = _Bound(_compute_value(values[var.name]))
                 self._evaluate_into(op, values)
-        finally:  # leave the program as loaded
-            for var, value, sym_type in bound.values():
-                var._sym_val, var._sym_type = value, sym_type
+            finally:
+                for var, value, sym_type in reversed(saved):  # reversed: an input named twice gets its original
+                    var._sym_val, var._sym_type = value, sym_type
+            for var in inputs if not keep else ():
+                if last_use[var.name] == i and var.name not in kept:
+                    values.pop(var.name, None)
 
     def _feed(self, name: str, var: Var, value) -> np.ndarray:
         value = np.asarray(value)
