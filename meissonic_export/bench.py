@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,7 @@ class Results:
     quality: dict = field(default_factory=dict)  # variant -> logit SQNR (dB) from the manifest
     scaling: dict = field(default_factory=dict)  # grid -> variant -> Timing
     one_b: dict = field(default_factory=dict)  # variant -> Timing of one 1B step
+    profile: dict = field(default_factory=dict)  # variant -> op type -> ms per step at `grid`
 
 
 def machine() -> dict:
@@ -110,6 +111,35 @@ def _torch_step(module):
             module(*(torch.from_numpy(inputs[n]) for n in names))
 
     return run
+
+
+def _profile_torch(module, inputs, runs: int) -> dict[str, float]:
+    """Self CPU time per aten op, ms per step."""
+    run = _torch_step(module)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(runs):
+            run(inputs)
+    return _top({e.key: e.self_cpu_time_total / 1000 / runs for e in profiler.key_averages()})
+
+
+def _profile_onnx(path: Path, inputs, options: BenchOptions, scratch: Path, runs: int) -> dict[str, float]:
+    """onnxruntime's own profiler: kernel time per op type (after fusion: what actually ran), ms per step."""
+    graph = OnnxGraph(path, replace(options.onnx_options(), profile_prefix=str(scratch / "ort-profile")))
+    for _ in range(runs):
+        graph(inputs)
+    per_op: dict[str, float] = {}
+    for event in json.loads(Path(graph.session.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1000 / runs
+    return _top(per_op)
+
+
+def _top(per_op: dict[str, float], count: int = 6) -> dict[str, float]:
+    ranked = sorted(per_op.items(), key=lambda item: -item[1])
+    top = {op: round(ms, 2) for op, ms in ranked[:count]}
+    top["other"] = round(sum(ms for _, ms in ranked[count:]), 2)
+    return top
 
 
 def run_bench(options: BenchOptions) -> Results:
@@ -187,7 +217,13 @@ def run_bench(options: BenchOptions) -> Results:
                 bar.update()
         bar.close()
 
-        # 5. one step of the released 1B configuration at the smallest grid
+        # 5. where a step's time goes: op types by time, PyTorch and every variant, at `grid`
+        results.profile["pytorch"] = _profile_torch(step_module, inputs, options.repeats)
+        for variant in variants:
+            entry = manifest.find("denoise_step", "onnx", variant)
+            results.profile[variant] = _profile_onnx(bundle / entry.path, inputs, options, scratch, options.repeats)
+
+        # 6. one step of the released 1B configuration at the smallest grid
         if options.with_1b:
             results.one_b = _one_step_1b(min(options.scaling_grids), options, scratch)
     finally:
@@ -261,8 +297,8 @@ def markdown(results: Results) -> str:
         quality = results.quality.get(variant)
         lines.append(
             f"| {variant} | {step.median_ms:.1f} ({step.p25_ms:.1f}-{step.p75_ms:.1f}) | {ref_step / step.median_ms:.2f}x | "
-            f"{image.median_ms:.0f} ({image.p25_ms:.0f}-{image.p75_ms:.0f}) | {ref_image / image.median_ms:.2f}x | {results.peak_rss_mb.get(variant, float('nan')):.0f} | "
-            f"{sizes.get('denoise_step', float('nan')):.1f} | {'' if total is None else f'{total:.1f}'} | {'' if quality is None else f'{quality:.1f}'} |"
+            f"{image.median_ms:.0f} ({image.p25_ms:.0f}-{image.p75_ms:.0f}) | {ref_image / image.median_ms:.2f}x | {_cell(results.peak_rss_mb.get(variant), '.0f')} | "
+            f"{_cell(sizes.get('denoise_step'), '.1f')} | {'' if total is None else f'{total:.1f}'} | {'' if quality is None else f'{quality:.1f}'} |"
         )
     lines += ["", "Step latency against the token grid (ms, median; speed-up vs PyTorch in brackets):", ""]
     columns = list(next(iter(results.scaling.values())).keys()) if results.scaling else []
@@ -270,6 +306,12 @@ def markdown(results: Results) -> str:
     for grid, timings in results.scaling.items():
         ref = timings["pytorch"].median_ms
         lines.append(f"| {grid}x{grid} | " + " | ".join(f"{t.median_ms:.1f} ({ref / t.median_ms:.2f}x)" for t in timings.values()) + " |")
+    if results.profile:
+        lines += ["", f"Where a step's time goes ({s['grid']}x{s['grid']} tokens; op types by time per step, profiler overhead included):", ""]
+        lines += ["| variant | op types, ms per step (share) |", "|---|---|"]
+        for variant, per_op in results.profile.items():
+            total = sum(per_op.values())
+            lines.append(f"| {variant} | " + ", ".join(f"{op} {ms:.1f} ({ms / total:.0%})" for op, ms in per_op.items()) + " |")
     if results.one_b:
         one = results.one_b
         ref = one["pytorch"].median_ms
@@ -282,6 +324,10 @@ def markdown(results: Results) -> str:
             ),
         ]
     return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def plots(results: Results, out: Path) -> list[Path]:
@@ -298,6 +344,7 @@ def plots(results: Results, out: Path) -> list[Path]:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks([g * g for g in grids], [f"{g}x{g}" for g in grids])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # log-scale minor labels overlap the grids
     ax.set_xlabel("token grid")
     ax.set_ylabel("denoise step latency (ms, median)")
     ax.set_title("Step latency against the token grid")

@@ -27,6 +27,7 @@ class OnnxOptions:
     optimization: str = "all"
     memory_arena: bool = True
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    profile_prefix: str | None = None  # onnxruntime's profiler writes PREFIX_<date>.json (the benchmark)
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -34,6 +35,8 @@ class OnnxOptions:
         options.intra_op_num_threads = self.intra_op_threads
         options.enable_cpu_mem_arena = self.memory_arena
         options.log_severity_level = 3  # errors only: ORT warns about benign things (unused initializers)
+        if self.profile_prefix is not None:
+            options.enable_profiling, options.profile_file_prefix = True, self.profile_prefix
         return options
 
     def to_dict(self) -> dict:

@@ -21,6 +21,10 @@ def test_bench_smoke(tiny_bundle, golden_checkpoint, tmp_path):
     assert set(results.scaling) == {8, 16} and all(set(t) == {"pytorch", *variants} for t in results.scaling.values())
     assert results.sizes_mb["int4"]["denoise_step"] < results.sizes_mb["fp32"]["denoise_step"]
     assert results.quality["int8"] > 30
+    # The profile names what ran: attention and the linear layers as MatMul in every ONNX variant.
+    assert set(results.profile) == {"pytorch", *variants}
+    assert all(sum(per_op.values()) > 0 for per_op in results.profile.values())
+    assert any(op.startswith("MatMul") for op in results.profile["fp32"])
     table = markdown(results)
     assert "| int4 |" in table and "speed-up" in table
     paths = write(results, tmp_path)
