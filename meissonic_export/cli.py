@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark, in one run: per-step and whole-image latency of the PyTorch reference and of every "
         "onnxruntime variant (with ratios to the reference), peak memory of a generation process per variant, graph "
         "sizes, step latency against the token grid, and one step of the released 1B configuration. Writes "
-        "bench.json, bench.md and PNG plots. The defaults take about 7 minutes on 2 cores.",
+        "bench.json, bench.md and PNG plots. The defaults take about 6 minutes on 2 cores.",
     )
     bench.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model to benchmark when no --checkpoint is given (default: small)")
     bench.add_argument("--checkpoint", type=Path, default=None, help="benchmark this checkpoint instead of a preset")
