@@ -172,7 +172,7 @@ class Sampler:
             sampled = np.where(unknown, out["sampled_tokens"].astype(np.int64), tokens)
             if step == r.steps - 1:
                 tokens = sampled
-                break
+                continue  # the last step; `continue`, not `break`, so the progress bar reaches its total
             mask_len = np.floor(np.float32(positions) * cosine_mask_ratio(step + 1, r.steps, starting_ratio))
             mask_len = np.maximum(1, np.minimum(unknown.sum(-1) - 1, mask_len)).astype(np.int64)  # [B]
             confidence = np.where(unknown, out["log_probs"], LOG_FLOAT32_MAX) + temperatures[step] * gumbel(draw())
