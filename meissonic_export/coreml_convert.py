@@ -138,7 +138,8 @@ def save_mlpackage(model: ct.models.MLModel, path: str | Path) -> Path:
     if path.suffix != ".mlpackage":
         path = path.with_name(path.name + ".mlpackage")
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(str(path))
+    with quiet():  # coremltools reports its passes on stderr
+        model.save(str(path))
     return path
 
 

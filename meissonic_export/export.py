@@ -288,7 +288,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
     from runtimes.bundle import GraphEntry
     from runtimes.coreml_backend import CoreMLGraph
 
-    from .coreml_convert import FP32_REGIONS
+    from .coreml_convert import FP32_REGIONS, save_mlpackage
 
     weights = spec.weights_module(module)
     layers = quantizable_layers(weights)
@@ -304,9 +304,8 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
         for target, group in by_target.items():
             parts, bits, computed = ({v: [] for v in group}, {v: {} for v in group}, {v: {} for v in group})
             bar.set_postfix_str(f"converting {stem} ({target})")
-            for i, (inputs, outputs, model, part) in enumerate(_convert_coreml(spec, module, example, options.chunks, target)):
+            for suffix, inputs, outputs, model, part in _convert_coreml(spec, module, example, options.chunks, target):
                 constants = weight_constants(part, weights)
-                suffix = "" if options.chunks == 1 or spec.name != "denoise_step" else f".chunk{i}"
                 for variant in group:
                     bar.set_postfix_str(f"{stem}{suffix} {variant}")
                     package = model
@@ -314,7 +313,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
                         recipe = recipe_for(variant, recipes)
                         package, part_bits = compress(model, variant, recipe.plan(layers), constants, recipe.block_size)
                         bits[variant].update(part_bits)
-                    path = _save_mlpackage(package, staging / "coreml" / variant / f"{stem}{suffix}.mlpackage")
+                    path = save_mlpackage(package, staging / "coreml" / variant / f"{stem}{suffix}.mlpackage")
                     del package
                     parts[variant].append({"path": _relative(path, staging), "inputs": inputs, "outputs": outputs, "bytes": _tree_bytes(path)})
                     if variant != "fp16":
@@ -337,7 +336,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
                     entry["quantization"] = _quantization_report(recipe_for(variant, recipes), bits[variant], computed[variant], weights, [])
                 bar.set_postfix_str(f"validating {stem} {variant}")
                 graph = CoreMLGraph(staging, [GraphEntry(spec.name, "coreml", variant, entry["path"], entry)])
-                own = [c for c in cases if c.label.get("resolution") in (None, list(size) if size else None)]
+                own = [c for c in cases if c.label.get("resolution") == (list(size) if size else None)]
                 entry["parity"] = run_validation(spec, module, graph, own, f"coreml {variant}", BUDGETS[variant])
                 entry["budget"] = BUDGETS[variant].to_dict()
                 entries.append(entry)
@@ -346,23 +345,15 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
 
 
 def _convert_coreml(spec: GraphSpec, module, example: dict, chunks: int, target: str):
-    """Yields (input names, output names, MLModel, the torch module converted) per package."""
+    """Yields (file name suffix, input names, output names, MLModel, the torch module converted) per package."""
     from .coreml_convert import convert_denoise_chunks, convert_graph
 
     if spec.name == "denoise_step" and chunks > 1:
-        for chunk, model in convert_denoise_chunks(spec, module, example, chunks, "fp16", target):
-            yield chunk.spec.input_names(), chunk.spec.output_names(), model, chunk.module
+        for i, (chunk, model) in enumerate(convert_denoise_chunks(spec, module, example, chunks, "fp16", target)):
+            yield f".chunk{i}", chunk.spec.input_names(), chunk.spec.output_names(), model, chunk.module
             del model  # before the next chunk converts
     else:
-        yield spec.input_names(), spec.output_names(), convert_graph(spec, module, example, "fp16", target), module
-
-
-def _save_mlpackage(model, path: Path) -> Path:
-    from .coreml_convert import save_mlpackage
-    from .quiet import quiet
-
-    with quiet():  # coremltools reports its passes on stderr
-        return save_mlpackage(model, path)
+        yield "", spec.input_names(), spec.output_names(), convert_graph(spec, module, example, "fp16", target), module
 
 
 def _tree_bytes(path: Path) -> int:

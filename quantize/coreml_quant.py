@@ -25,7 +25,6 @@ with quiet():  # coremltools logs on import that torch 2.13 is untested and, off
     import coremltools as ct
 import coremltools.optimize.coreml as cto
 
-COREML_VARIANTS = ("int8", "int4", "palette4", "palette6")
 MINIMUM_TARGET = {"int8": "iOS17", "int4": "iOS18", "palette4": "iOS17", "palette6": "iOS17"}
 
 

@@ -56,17 +56,20 @@ class CoreMLGraph:
         self.rows = {t["name"]: t["shape"][0] for t in entries[0].raw["inputs"]}  # "batch", "2*batch" or fixed
 
     def _entry(self, inputs: dict[str, np.ndarray]) -> GraphEntry:
-        if "tokens" in inputs:
-            height, width = inputs["tokens"].shape[-2:]
-            size = (int(width) * 16, int(height) * 16)
-        elif "image" in inputs:
-            size = (int(inputs["image"].shape[-1]), int(inputs["image"].shape[-2]))
-        else:
-            size = None
+        """The package whose static shapes take `inputs`: token grids match the package's own, images its
+        resolution; the text encoder has one package."""
         for entry in self.entries:
-            if size is None or entry.resolutions is None or size in entry.resolutions:
+            if "tokens" in inputs:
+                dims = entry.raw["static_shapes"]
+                fits = tuple(inputs["tokens"].shape[-2:]) == (dims["height"], dims["width"])
+            elif "image" in inputs:
+                fits = [inputs["image"].shape[-1], inputs["image"].shape[-2]] == entry.raw["resolution"]
+            else:
+                fits = True
+            if fits:
                 return entry
-        raise BundleError(f"no Core ML package of {self.entries[0].name} for {size[0]}x{size[1]}")
+        shapes = {name: list(value.shape) for name, value in inputs.items() if name in ("tokens", "image")}
+        raise BundleError(f"no Core ML package of {self.entries[0].name} for {shapes} (packages: {[e.raw.get('resolution') for e in self.entries]})")
 
     def _run_one(self, entry: GraphEntry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if entry.path not in self._loaded:
