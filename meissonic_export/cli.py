@@ -1,81 +1,101 @@
-"""`meissonic-export`: make checkpoints, export bundles, analyse quantization, benchmark."""
+"""`meissonic-export`: make and train checkpoints, export bundles, evaluate, analyse quantization, benchmark.
+
+Arguments are checked before torch is imported: a mistyped option is refused at once.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from runtimes.cli_common import ArgumentParser, HelpFormatter, UsageError, check_output_file, finite_float, names, parse_size, run_main, save_images
+from runtimes.limits import MAX_SEED, RuntimeInputError, check_int
+
+from .options import (
+    DTYPES, GRAPH_NAMES, PRESET_NAMES, QUANTIZE, TARGETS, ExportError, ExportOptions, check_options, check_output_folder,
+)  # fmt: skip
+
 NEURAL_ENGINE_BYTES = 1e9  # packages larger than this load slowly or not at all on the Neural Engine (Apple's SD tooling splits at it)
+OWNER_MARKER = ".written-by-meissonic-export"  # reference.presets.OWNER_MARKER (a test checks)
 
 
-class UsageError(Exception):
-    """Bad command-line input, reported as one line."""
+def _owned_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / OWNER_MARKER).is_file()
 
 
 def _make_checkpoint(args) -> None:
-    from reference.presets import write_checkpoint
+    check_int("--seed", args.seed, 0, 2**32 - 1)
+    check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder")
+    from reference.presets import TRAINED, write_checkpoint
 
-    if args.overwrite and args.out.exists():
-        import shutil
+    out = write_checkpoint(args.preset, args.out, seed=args.seed, overwrite=args.overwrite)
+    kind = "the trained" if args.preset in TRAINED else "a random-weight"
+    print(f"wrote {kind} {args.preset} checkpoint to {out}")
 
-        shutil.rmtree(args.out)
-    out = write_checkpoint(args.preset, args.out, seed=args.seed)
-    print(f"wrote a random-weight {args.preset} checkpoint to {out}")
+
+def _train(args) -> None:
+    check_int("--seed", args.seed, 0, 2**32 - 1)
+    check_int("--threads", args.threads, 1, 256)
+    check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder")
+    from reference.training import TrainConfig, train_shapes
+
+    config = TrainConfig(seed=args.seed, threads=args.threads)
+    report = train_shapes(args.out, config, progress=not args.no_progress, overwrite=args.overwrite)
+    print(f"wrote {args.out} in {report['times']['total_s'] / 60:.1f} min; loss curves: {args.out / 'training' / 'loss_curves.png'}")
 
 
 def _reference(args) -> None:
+    check_int("--seed", args.seed, 0, 2**63 - 1)
+    check_int("--steps", args.steps, 1, 1000)
+    check_int("--num-images", args.num_images, 1, 16)
+    size = parse_size("--size", args.size)
+    check_output_file("--out", args.out)
     import torch
 
     from reference.pipeline import MeissonicPipeline
 
     pipe = MeissonicPipeline.from_pretrained(args.checkpoint)
     result = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.size,
-        width=args.size,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    _save_images(result.images, args.out)
+        args.prompt, negative_prompt=args.negative_prompt, width=size[0], height=size[1], num_inference_steps=args.steps,
+        guidance_scale=args.guidance, num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
+        progress=not args.no_progress,
+    )  # fmt: skip
+    save_images(result.images, args.out)
 
 
-def _resolutions(text: str) -> tuple[tuple[int, int], ...]:
-    """'512,1024' -> ((512, 512), (1024, 1024)); 'WxH' entries give non-square sizes."""
-    sizes = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        width, _, height = item.partition("x")
-        if not (width.isdigit() and (not height or height.isdigit())):
-            raise UsageError(f"--resolution: cannot read {item!r}; use sizes like 512,1024 or 768x512")
-        sizes.append((int(width), int(height or width)))
-    return tuple(sizes)
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(filter(None, (part.strip() for part in text.split(","))))
+def _export_options(args) -> ExportOptions:
+    resolutions = None if args.resolution is None else tuple(parse_size("--resolution", item) for item in names(args.resolution))
+    check_int("--seed", args.seed, 0, 2**32 - 1)
+    return ExportOptions(
+        targets=names(args.targets), resolutions=resolutions, dtype=args.dtype, graphs=names(args.graphs), seed=args.seed,
+        overwrite=args.overwrite, keep_failed=args.keep_failed, quantize=names(args.quantize), recipes=tuple(args.recipe),
+        block_size=args.block_size, quality_steps=args.quality_steps, chunks=args.chunks, progress=not args.no_progress,
+    )  # fmt: skip
 
 
 def _export(args) -> None:
-    from .export import ExportOptions, export_bundle
+    options = _export_options(args)
+    check_options(args.checkpoint, args.out, options)
+    from .export import export_bundle
 
-    options = ExportOptions(
-        targets=_names(args.targets),
-        resolutions=_resolutions(args.resolution),
-        dtype=args.dtype,
-        graphs=_names(args.graphs),
-        seed=args.seed,
-        overwrite=args.overwrite,
-        keep_failed=args.keep_failed,
-        quantize=_names(args.quantize),
-        recipes=tuple(args.recipe),
-        block_size=args.block_size,
-        quality_steps=args.quality_steps,
-        chunks=args.chunks,
-    )
     manifest = export_bundle(args.checkpoint, args.out, options)
     _print_summary(manifest, args.out)
+
+
+def _evaluate(args) -> None:
+    from .options import EvaluateOptions, check_evaluate_options
+
+    options = EvaluateOptions(
+        variants=names(args.variants) if args.variants else None, backend=args.backend, count=args.count,
+        held_out_seeds=args.held_out_seeds, out=args.out, progress=not args.no_progress, reference=not args.no_reference,
+    )  # fmt: skip
+    check_evaluate_options(args.bundle, options)
+    from .evaluate import evaluate_bundle, format_table, write_report
+
+    report = evaluate_bundle(args.bundle, options)
+    print(format_table(report))
+    for path in write_report(report, args.out):
+        print(f"wrote {path}")
 
 
 def _headline(figures: dict, variant: str) -> tuple[str, float, bool]:
@@ -120,12 +140,12 @@ def _sensitivity(args) -> None:
     from quantize.sensitivity import analyse, format_table, write_report
     from reference.checkpoint import load_component
 
-    bits = tuple(int(b) for b in _names(args.bits))
+    bits = tuple(int(b) for b in names(args.bits))
     if not bits or set(bits) - {4, 8}:
         raise UsageError(f"--bits: choose from 4 and 8 (got {args.bits!r})")
     transformer = load_component(args.checkpoint, "transformer")
     results = analyse(transformer, bits=bits, block_size=args.block_size, grid=args.grid, granularity=args.granularity)
-    title = f"{args.checkpoint.name}: one {args.granularity} quantized at a time ({args.grid}x{args.grid} tokens, int4 blocks of {args.block_size})"
+    title = f"{args.checkpoint.name}: one {args.granularity} quantized at a time ({args.grid}x{args.grid} tokens, int4 blocks of {args.block_size or 'the largest dividing size'})"
     print(format_table(results, title))
     for path in write_report(results, args.out, title):
         print(f"wrote {path}")
@@ -135,8 +155,8 @@ def _bench(args) -> None:
     from .bench import BenchOptions, markdown, run_bench, write
 
     options = BenchOptions(
-        preset=args.preset, checkpoint=args.checkpoint, bundle=args.bundle, variants=_names(args.variants), grid=args.grid,
-        scaling_grids=tuple(int(g) for g in _names(args.scaling_grids)), steps=args.steps, repeats=args.repeats,
+        preset=args.preset, checkpoint=args.checkpoint, bundle=args.bundle, variants=names(args.variants), grid=args.grid,
+        scaling_grids=tuple(int(g) for g in names(args.scaling_grids)), steps=args.steps, repeats=args.repeats,
         warmup=args.warmup, threads=args.threads, with_1b=not args.no_1b, out=args.out, block_size=args.block_size,
     )  # fmt: skip
     if args.bundle is not None and args.checkpoint is None:
@@ -147,74 +167,101 @@ def _bench(args) -> None:
         print(f"wrote {path}")
 
 
-def _save_images(images, out: Path) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    for image, path in zip(images, paths):
-        image.save(path)
-        print(f"wrote {path}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from reference.presets import PRESETS
-
-    from .graphs import GRAPHS
-
-    parser = argparse.ArgumentParser(prog="meissonic-export", description=__doc__)
+    parser = ArgumentParser(prog="meissonic-export", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = lambda name, **kwargs: commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)  # noqa: E731
 
-    make = commands.add_parser(
+    make = add(
         "make-checkpoint",
-        help="write a random-weight checkpoint of a preset in the released folder layout",
-        description="Write a random-weight checkpoint (diffusers folder layout, safetensors) of a configuration "
-        "preset: 'tiny' (golden sizes, seconds), 'small' (mid-size), 'meissonic-1b' (the released configuration, ~6 GB).",
+        help="write a checkpoint of a preset in the released folder layout",
+        description="Write a checkpoint (diffusers folder layout, safetensors) of a preset: 'shapes' (the trained demo "
+        "model: draws one colored shape on a plain background), or random weights of 'tiny' (golden sizes, seconds), "
+        "'small' (mid-size) or 'meissonic-1b' (the released configuration, ~6 GB).",
     )
-    make.add_argument("out", type=Path, help="folder to create (must not exist)")
-    make.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="configuration (default: tiny)")
-    make.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
-    make.add_argument("--overwrite", action="store_true", help="replace the folder if it exists")
+    make.add_argument("out", type=Path, help="folder to create")
+    make.add_argument("--preset", choices=PRESET_NAMES, default="shapes", help="configuration (default: shapes)")
+    make.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0; ignored by shapes)")
+    make.add_argument("--overwrite", action="store_true", help="replace a checkpoint folder this tool wrote (nothing else)")
     make.set_defaults(run=_make_checkpoint)
 
-    ref = commands.add_parser(
+    train = add(
+        "train",
+        help="train the shapes demo model (VQ-VAE, CLIP text encoder, transformer) on this machine",
+        description="Train the `shapes` demo model from procedural images, deterministically from --seed: the VQ-VAE "
+        "on image crops, then the transformer and the CLIP text encoder together with the MaskGIT objective. Writes a "
+        "checkpoint folder with training/report.json and training/loss_curves.png. About 50 minutes on 2 CPU cores; "
+        "with the default seed and 2 threads it reproduces the shipped `shapes` checkpoint.",
+    )
+    train.add_argument("out", type=Path, help="checkpoint folder to create")
+    train.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
+    train.add_argument("--threads", type=int, default=2, help="torch threads; results are reproducible per thread count (default: 2)")
+    train.add_argument("--overwrite", action="store_true", help="replace a checkpoint folder this tool wrote (nothing else)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(run=_train)
+
+    ref = add(
         "reference",
         help="generate a PNG with the PyTorch reference pipeline",
         description="Text-to-image with the PyTorch reference (official randomness: torch.Generator seeded with --seed).",
     )
     ref.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
-    ref.add_argument("prompt")
-    ref.add_argument("--negative-prompt", default=None)
-    ref.add_argument("--size", type=int, default=1024, help="image width and height in pixels (default: 1024)")
+    ref.add_argument("prompt", help="text prompt")
+    ref.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
+    ref.add_argument("--size", default="1024", help="image size in pixels, e.g. 1024 or 768x512 (default: 1024)")
     ref.add_argument("--steps", type=int, default=48, help="denoising steps (default: 48)")
-    ref.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (default: 9)")
-    ref.add_argument("--num-images", type=int, default=1)
-    ref.add_argument("--seed", type=int, default=0)
-    ref.add_argument("--out", type=Path, default=Path("reference.png"))
+    ref.add_argument("--guidance", type=finite_float, default=9.0, help="classifier-free guidance scale (default: 9)")
+    ref.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    ref.add_argument("--seed", type=int, default=0, help="seed of the torch generator (default: 0)")
+    ref.add_argument("--out", type=Path, default=Path("reference.png"), help="output PNG, numbered when several (default: reference.png)")
+    ref.add_argument("--no-progress", action="store_true", help="no progress bar")
     ref.set_defaults(run=_reference)
-    exp = commands.add_parser(
+
+    exp = add(
         "export",
         help="export a checkpoint to a validated bundle (ONNX graphs, tokenizer, manifest)",
         description="Export a checkpoint folder to a bundle: one folder per graph, the tokenizer and scheduler "
-        "files, and manifest.json (interfaces, versions, sha256 of every file, parity figures). Every graph is "
-        "validated against the PyTorch reference right after export; a failure stops the export and no bundle "
-        "is left behind.",
+        "files, and manifest.json (interfaces, versions, sha256 of every file, parity figures, generation defaults). "
+        "Every graph is validated against the PyTorch reference right after export; a failure stops the export and "
+        "no bundle is left behind.",
     )
     exp.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
     exp.add_argument("--out", type=Path, required=True, help="bundle folder to create")
-    exp.add_argument("--targets", default="onnx", help="comma-separated: onnx, coreml (default: onnx). Core ML packages are float16, static (one per resolution)")
-    exp.add_argument("--resolution", default="512,1024", help="image sizes to support and validate, e.g. 512,1024 or 768x512 (default: 512,1024)")
-    exp.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="base precision of the graphs (default: fp32)")
-    exp.add_argument("--graphs", default=",".join(GRAPHS), help=f"comma-separated subset of {','.join(GRAPHS)} (default: all)")
-    exp.add_argument("--seed", type=int, default=0, help="seed of the generated validation inputs")
-    exp.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically, after success)")
-    exp.add_argument("--quantize", default="", help="extra variants, comma-separated: fp16, int8, int4 (ONNX and Core ML), palette4, palette6 (Core ML)")
+    exp.add_argument("--targets", default="onnx", help=f"comma-separated: {', '.join(TARGETS)} (default: onnx). Core ML packages are float16, static (one per resolution)")
+    exp.add_argument("--resolution", default=None, help="image sizes to support and validate, e.g. 512,1024 or 768x512 (default: the checkpoint's own from its generation_config.json, else 512,1024)")
+    exp.add_argument("--dtype", default="fp32", choices=DTYPES, help="base precision of the graphs (default: fp32)")
+    exp.add_argument("--graphs", default=",".join(GRAPH_NAMES), help="comma-separated subset of: " + ", ".join(GRAPH_NAMES) + " (default: all)")
+    exp.add_argument("--seed", type=int, default=0, help="seed of the generated validation inputs (default: 0)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a bundle this tool wrote (atomically, after success); nothing else is replaced")
+    exp.add_argument("--quantize", default="", help=f"extra variants, comma-separated: {', '.join(QUANTIZE)} (palettes: Core ML only)")
     exp.add_argument("--recipe", action="append", default=[], metavar="NAME|FILE", help="a recipe (built-in name such as int4-mixed, or a JSON file) replacing the built-in recipe of its scheme; repeatable")
     exp.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the recipe's, 64)")
     exp.add_argument("--quality-steps", type=int, default=8, help="steps of the sampling run that measures quantized variants (default: 8)")
-    exp.add_argument("--chunks", type=int, default=1, help="Core ML: split the denoise step into N packages run in sequence (each under the Neural Engine's ~1 GB)")
+    exp.add_argument("--chunks", type=int, default=1, help="Core ML: split the denoise step into N packages run in sequence, each under the Neural Engine's ~1 GB (default: 1)")
     exp.add_argument("--keep-failed", action="store_true", help="on a failed validation keep the files in OUT.failed/ for inspection")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp.set_defaults(run=_export)
-    sens = commands.add_parser(
+
+    ev = add(
+        "evaluate",
+        help="judge a bundle of the shapes model by what it draws: prompt accuracy per variant",
+        description="Generate a fixed evaluation set (prompt-seed pairs drawn from the shapes grammar by a fixed seed, "
+        "plus the held-out combinations, reported apart) with the PyTorch reference and every variant of the bundle, read "
+        "each image back with the shapes analyzer, and report prompt accuracy (all three attributes right), per-attribute "
+        "accuracy, token agreement and image PSNR against the float32 run of the same seed. Prints a table, writes "
+        "evaluation.json and evaluation_grid.png (prompts x variants).",
+    )
+    ev.add_argument("bundle", type=Path, help="bundle of a shapes checkpoint (its manifest names the checkpoint)")
+    ev.add_argument("--variants", default=None, help="comma-separated variants of the backend (default: all in the bundle)")
+    ev.add_argument("--backend", choices=["onnx", "coreml"], default="onnx", help="onnx, or coreml (Core ML on macOS, the numpy evaluator elsewhere) (default: onnx)")
+    ev.add_argument("--count", type=int, default=200, help="in-grammar prompt-seed pairs (default: 200)")
+    ev.add_argument("--held-out-seeds", type=int, default=2, help="seeds per held-out combination (default: 2, i.e. 48 pairs)")
+    ev.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference row")
+    ev.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for evaluation.json and evaluation_grid.png (default: evaluation)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(run=_evaluate)
+
+    sens = add(
         "sensitivity",
         help="rank transformer layer groups by how much quantizing them alone hurts the logits",
         description="Quantize one group of transformer layers at a time (simulated in the reference) and report "
@@ -223,12 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sens.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
     sens.add_argument("--bits", default="4,8", help="schemes to try, comma-separated (default: 4,8)")
-    sens.add_argument("--block-size", type=int, choices=[32, 64, 128], default=64, help="int4 block size (default: 64)")
+    sens.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the largest of 128, 64, 32 that divides every layer)")
     sens.add_argument("--granularity", choices=["group", "block"], default="group", help="layer groups by role, or one transformer block at a time")
     sens.add_argument("--grid", type=int, default=16, help="token grid of the fixed inputs (default: 16, i.e. 256 px)")
     sens.add_argument("--out", type=Path, default=Path("sensitivity"), help="folder for sensitivity.{json,md,png}")
     sens.set_defaults(run=_sensitivity)
-    bench = commands.add_parser(
+    bench = add(
         "bench",
         help="latency, memory and size of every variant against the PyTorch reference",
         description="Benchmark, in one run: per-step and whole-image latency of the PyTorch reference and of every "
@@ -236,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sizes, step latency against the token grid, and one step of the released 1B configuration. Writes "
         "bench.json, bench.md and PNG plots. The defaults take about 6 minutes on 2 cores.",
     )
-    bench.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model to benchmark when no --checkpoint is given (default: small)")
+    bench.add_argument("--preset", choices=PRESET_NAMES, default="small", help="model to benchmark when no --checkpoint is given (default: small)")
     bench.add_argument("--checkpoint", type=Path, default=None, help="benchmark this checkpoint instead of a preset")
     bench.add_argument("--bundle", type=Path, default=None, help="an existing bundle of --checkpoint (skips the export)")
     bench.add_argument("--variants", default="fp32,fp16,int8,int4", help="onnxruntime variants (default: fp32,fp16,int8,int4)")
@@ -255,18 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from reference.checkpoint import CheckpointError
-    from runtimes.images import ImageInputError
 
-    from .export import ExportError
-
-    try:
-        args.run(args)
-    except (UsageError, ExportError, CheckpointError, ImageInputError, FileExistsError, ValueError) as error:
-        print(f"meissonic-export {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
+    # CheckpointError, ImageInputError, RecipeError and RuntimeInputError are ValueErrors, FileExistsError an
+    # OSError: caught by their bases, so that nothing here imports torch before the arguments are checked
+    return run_main(f"meissonic-export {args.command}", lambda: args.run(args), (ExportError, ValueError, OSError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ looks like a bundle (the manifest, written last, is what makes a folder a bundle
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -21,64 +22,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from reference.checkpoint import COMPONENTS, _check_folder, load_component, read_config
+from reference.checkpoint import COMPONENTS, load_component, read_config
 from reference.pipeline import load_scheduler, load_tokenizer
 from runtimes.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from runtimes.onnx_backend import OnnxGraph
 
 from .graphs import GRAPHS, GraphSpec, ModelInfo
+from .options import COREML_GRAPHS, ExportError, ExportOptions, check_options, check_resolutions, default_resolutions, read_generation_config
 from .validate import BUDGETS, reference_outputs, validate
-
-TARGETS = ("onnx", "coreml")
-DTYPES = ("fp32", "fp16")
-ONNX_VARIANTS = ("fp16", "int8", "int4")
-COREML_VARIANTS = ("int8", "int4", "palette4", "palette6")  # Core ML's base precision is fp16
-QUANTIZE = tuple(dict.fromkeys(ONNX_VARIANTS + COREML_VARIANTS))
-COREML_GRAPHS = ("text_encoder", "denoise_step", "vq_decoder", "vq_encoder")  # no raw transformer on devices
-
-
-class ExportError(Exception):
-    """An export that cannot start or did not validate; the message says why."""
-
-
-@dataclass
-class ExportOptions:
-    targets: tuple[str, ...] = ("onnx",)
-    resolutions: tuple[tuple[int, int], ...] = ((512, 512), (1024, 1024))  # (width, height) in pixels
-    dtype: str = "fp32"
-    graphs: tuple[str, ...] = tuple(GRAPHS)
-    seed: int = 0  # of the validation inputs
-    overwrite: bool = False
-    keep_failed: bool = False  # keep a failed export's files in BUNDLE.failed/ for inspection
-    quantize: tuple[str, ...] = ()  # extra variants: fp16, int8, int4
-    recipes: tuple[str, ...] = ()  # recipe names or JSON files replacing the built-in recipe of their scheme
-    block_size: int | None = None  # overrides the int4 recipes' block size
-    quality_steps: int = 8  # steps of the full sampling run that measures each quantized variant
-    chunks: int = 1  # Core ML: split the denoise step into this many packages
-    progress: bool = True
-
-    @property
-    def variants(self) -> list[str]:
-        """ONNX variants: the base precision, then the quantized ones."""
-        return list(dict.fromkeys([self.dtype, *(q for q in self.quantize if q in ONNX_VARIANTS)]))
-
-    @property
-    def coreml_variants(self) -> list[str]:
-        return ["fp16", *(q for q in self.quantize if q in COREML_VARIANTS)]
-
-    def load_recipes(self) -> dict:
-        """variant -> Recipe for every variant but the base precision."""
-        from quantize.recipe import Recipe
-
-        schemes = {q if q in ONNX_VARIANTS else "int4" for q in self.quantize if q != self.dtype}  # palettes follow int4's rules
-        recipes = {scheme: Recipe.load(scheme, self.block_size) for scheme in schemes}
-        for name in self.recipes:
-            recipe = Recipe.load(name, self.block_size)
-            if recipe.scheme not in recipes:
-                raise ExportError(f"recipe {recipe.name!r} is for {recipe.scheme}, which --quantize does not ask for")
-            recipes[recipe.scheme] = recipe
-        return recipes
-
 
 @dataclass
 class ValidationCase:
@@ -89,43 +40,13 @@ class ValidationCase:
     expected: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def check_options(checkpoint: Path, out: Path, options: ExportOptions) -> None:
-    """Everything that can be refused before any work starts."""
-    unknown = [t for t in options.targets if t not in TARGETS]
-    if unknown:
-        raise ExportError(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
-    if options.dtype not in DTYPES:
-        raise ExportError(f"unknown dtype {options.dtype!r}; choose from {list(DTYPES)}")
-    unknown = [g for g in options.graphs if g not in GRAPHS]
-    if unknown:
-        raise ExportError(f"unknown graph(s) {unknown}; choose from {list(GRAPHS)}")
-    if not options.resolutions:
-        raise ExportError("no resolution given")
-    unknown = [q for q in options.quantize if q not in QUANTIZE]
-    if unknown:
-        raise ExportError(f"unknown quantization scheme(s) {unknown}; choose from {list(QUANTIZE)}")
-    palettes = [q for q in options.quantize if q.startswith("palette")]
-    if palettes and "coreml" not in options.targets:
-        raise ExportError(f"{palettes} are Core ML variants; add --targets coreml")
-    if options.chunks < 1:
-        raise ExportError(f"--chunks must be at least 1 (got {options.chunks})")
-    _check_folder(checkpoint)
-    if Path(out).exists() and not options.overwrite:
-        raise ExportError(f"{out}: already exists (pass --overwrite to replace it)")
-
-
-def check_resolutions(resolutions, scale_factor: int) -> None:
-    step = 2 * scale_factor  # an even token grid
-    for width, height in resolutions:
-        if width % step or height % step or width <= 0 or height <= 0:
-            raise ExportError(f"resolution {width}x{height} is not a positive multiple of {step} pixels (an even token grid)")
-
-
 def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = None) -> dict:
     """Export `checkpoint` into the bundle folder `out`; returns the manifest."""
     options = options or ExportOptions()
     checkpoint, out = Path(checkpoint), Path(out)
     check_options(checkpoint, out, options)
+    if options.resolutions is None:
+        options = dataclasses.replace(options, resolutions=default_resolutions(checkpoint))
     check_resolutions(options.resolutions, read_config(checkpoint, "vqvae").scale_factor)
     recipes = _checked_recipes(checkpoint, options)
     started = time.time()
@@ -151,9 +72,34 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
 
             bar.set_description("quality runs")
             manifest["quality"] = sampling_quality(staging, manifest, options.quality_steps)
+            if manifest["model"]["defaults"].get("evaluation") == "shapes":
+                bar.set_description("prompt accuracy")
+                manifest["evaluation"] = _accuracy_gate(staging, manifest, options)
         manifest["export_seconds"] = round(time.time() - started, 1)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _accuracy_gate(staging: Path, manifest: dict, options: ExportOptions) -> dict:
+    """For a model trained on the shapes world: each quantized variant's prompt accuracy on an
+    evaluation subset against its target's base precision; a variant that loses more than
+    MAX_ACCURACY_LOSS_POINTS stops the export with the figures (the manifest records them otherwise)."""
+    from .evaluate import MAX_ACCURACY_LOSS_POINTS, accuracy_gate, evaluate_bundle
+    from .options import EvaluateOptions
+
+    (staging / MANIFEST).write_text(json.dumps(manifest))  # the runtime reads the staged bundle; rewritten at the end
+    report = {"pairs": EXPORT_EVALUATION_PAIRS, "max_loss_points": MAX_ACCURACY_LOSS_POINTS}
+    for target in manifest["base_variants"]:
+        evaluation = evaluate_bundle(staging, EvaluateOptions(backend=target, count=EXPORT_EVALUATION_PAIRS, held_out_seeds=0, reference=False, progress=False))
+        base = f"{target} {manifest['base_variants'][target]}"
+        refused = accuracy_gate(evaluation, base)
+        report[target] = {name: round(100 * f["prompt_accuracy"], 1) for name, f in evaluation["rows"].items()}
+        if refused:
+            raise ExportError("refused by the prompt-accuracy gate (shapes evaluation):\n" + "\n".join(f"{k}: {v}" for k, v in refused.items()))
+    return report
+
+
+EXPORT_EVALUATION_PAIRS = 48  # the gate's subset of the evaluation set: +-3.5 points of sampling error at 95% accuracy
 
 
 def _validation_cases(spec: GraphSpec, module, info: ModelInfo, resolutions, rng) -> list[ValidationCase]:
@@ -197,7 +143,8 @@ def _checked_recipes(checkpoint: Path, options: ExportOptions) -> dict:
         if not recipes:
             return {}
         layers = []
-        for component in dict.fromkeys(GRAPHS[name].component for name in options.graphs if GRAPHS[name].quantizable):
+        # against every quantizable component, not only the graphs asked for: a recipe names the whole model's layers
+        for component in dict.fromkeys(spec.component for spec in GRAPHS.values() if spec.quantizable):
             with torch.device("meta"):
                 module = COMPONENTS[component].build(read_config(checkpoint, component))
             layers += quantizable_layers(COMPONENTS[component].weights_module(module))
@@ -398,13 +345,17 @@ def _manifest(checkpoint, components, tokenizer, scheduler, info: ModelInfo, opt
             "pooled_projection_dim": info.pooled_projection_dim,
             "pad_token_id": tokenizer.pad_token_id,
             "masking_schedule": "cosine",
-            "defaults": {"steps": 48, "guidance_scale": 9.0, "temperature": [2.0, 0.0], "aesthetic_score": 6.0},
+            "defaults": {**OFFICIAL_DEFAULTS, **read_generation_config(checkpoint)},
         },
         "resolutions": [list(r) for r in options.resolutions],
         "base_variants": {target: options.dtype if target == "onnx" else "fp16" for target in options.targets},
         "graphs": entries,
         "files": {_relative(p, staging): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
     }
+
+
+# Meissonic's own sampling settings; a checkpoint's generation_config.json overrides them (the shapes model's)
+OFFICIAL_DEFAULTS = {"steps": 48, "guidance_scale": 9.0, "temperature": [2.0, 0.0], "aesthetic_score": 6.0}
 
 
 @contextmanager

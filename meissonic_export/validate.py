@@ -27,7 +27,8 @@ class Budget:
     """Pass criteria of one precision, against the float32 reference.
 
     float32: reordered float32 arithmetic differs by ~1e-6 relative; 1e-4 of the output's scale
-    (at least 1) leaves room for depth without hiding a wrong op, which shows as >1e-2.
+    (at least 1) leaves room for depth without hiding a wrong op, which shows as >1e-2. Images may
+    exceed 1e-4 by as much as the reference's own float32 rounding implies (`_float32_rounding`).
     """
 
     float_rel: float | None = None  # max abs error <= float_rel * max(1, max|reference|)
@@ -135,8 +136,9 @@ def failures_of(kind: str, figures: dict, budget: Budget) -> list[str]:
         psnr = math.inf if figures["psnr_db"] == "inf" else figures["psnr_db"]
         if psnr < budget.min_psnr_db:
             failed.append(f"PSNR {psnr:.1f} dB < {budget.min_psnr_db} dB")
-        if budget.image_max_abs is not None and figures["max_abs"] > budget.image_max_abs:
-            failed.append(f"max abs error {figures['max_abs']:.3g} > {budget.image_max_abs}")
+        bound = figures.get("image_bound", budget.image_max_abs)
+        if bound is not None and figures["max_abs"] > bound:
+            failed.append(f"max abs error {figures['max_abs']:.3g} > {bound:.3g}")
     return failed
 
 
@@ -170,11 +172,33 @@ def validate(
     for out in spec.outputs:
         where = evidence_positions if out.name == spec.tie_evidence else None
         figures = measure(out.kind, expected[out.name], np.asarray(actual[out.name]), margin, window, where)
+        if out.kind == "image" and budget.image_max_abs is not None and figures["max_abs"] > budget.image_max_abs:
+            rounding = _float32_rounding(spec, reference, inputs, expected, out.name)
+            figures["float32_rounding"] = rounding
+            figures["image_bound"] = max(budget.image_max_abs, ROUNDING_FACTOR * rounding)
         if out.kind == "ids" and margin is not None:
             figures["tie_window"] = window
         report[out.name] = figures
         failures += [f"{spec.name}.{out.name}: {problem}" for problem in failures_of(out.kind, figures, budget)]
     return {"outputs": report, "failures": failures}
+
+
+ROUNDING_FACTOR = 4.0  # the export's own float32 rounding is about the reference's; 4x leaves room for both
+
+
+def _float32_rounding(spec: GraphSpec, reference: torch.nn.Module, inputs: dict, expected: dict, name: str) -> float:
+    """How far the float32 reference itself is from float64 on these inputs: the float32 error that
+    the graph's depth, resolution and scale imply. A deeper, narrower VQ-VAE at 1024 px accumulates
+    1.1e-4 in float32, so a fixed 1e-4 refused a valid checkpoint; a wrong op errs by > 1e-2, far
+    beyond 4x this. Computed only when the fixed bound is exceeded (float64 doubles time and memory)."""
+    import copy
+
+    exact = copy.deepcopy(reference).double()
+    as64 = {k: torch.from_numpy(v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        outputs = exact(*(as64[n] for n in spec.input_names()))
+    outputs = dict(zip(spec.output_names(), outputs if isinstance(outputs, tuple) else (outputs,), strict=True))
+    return float(np.abs(outputs[name].numpy() - expected[name].astype(np.float64)).max())
 
 
 def tie_window(spec: GraphSpec, budget: Budget, expected: dict, actual: dict) -> float:

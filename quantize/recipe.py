@@ -56,7 +56,7 @@ class Recipe:
         try:
             raw = json.loads(path.read_text())
             recipe = cls(**raw)
-        except (json.JSONDecodeError, TypeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
             raise RecipeError(f"{path}: not a valid recipe ({error})") from None
         if block_size is not None:
             recipe.block_size = block_size
@@ -68,8 +68,11 @@ class Recipe:
             raise RecipeError(f"{source}: unknown scheme {self.scheme!r}; choose from {list(SCHEMES)}")
         if self.block_size not in BLOCK_SIZES:
             raise RecipeError(f"{source}: block size {self.block_size} is not one of {list(BLOCK_SIZES)}")
+        if not isinstance(self.layers, list):
+            raise RecipeError(f"{source}: 'layers' must be a list of rules (got {self.layers!r})")
         for rule in self.layers:
-            if set(rule) - {"match", "bits", "why"} or not isinstance(rule.get("match"), list) or rule.get("bits") not in (4, 8, 16, 32):
+            if not isinstance(rule, dict) or set(rule) - {"match", "bits", "why"} or not isinstance(rule.get("match"), list) or rule.get("bits") not in (4, 8, 16, 32) \
+                    or not all(isinstance(pattern, str) for pattern in rule["match"]):
                 raise RecipeError(f"{source}: bad layer rule {rule}; expected {{'match': [patterns], 'bits': 4|8|16|32}}")
 
     def bits(self, layer: QuantLayer) -> int:

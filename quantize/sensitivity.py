@@ -73,7 +73,7 @@ def block_groups(layers: list[QuantLayer]) -> dict[str, list[str]]:
     return groups
 
 
-def analyse(transformer, bits: tuple[int, ...] = (4, 8), block_size: int = 64, grid: int = 16, granularity: str = "group", seed: int = 0, progress: bool = True) -> list[GroupResult]:
+def analyse(transformer, bits: tuple[int, ...] = (4, 8), block_size: int | None = None, grid: int = 16, granularity: str = "group", seed: int = 0, progress: bool = True) -> list[GroupResult]:
     layers = quantizable_layers(transformer)
     by_name = {layer.name: layer for layer in layers}
     if granularity == "group":
@@ -81,6 +81,8 @@ def analyse(transformer, bits: tuple[int, ...] = (4, 8), block_size: int = 64, g
     else:
         groups = block_groups(layers)
     groups = {g: names for g, names in groups.items() if names}
+    if block_size is None:  # the largest block that divides every linear layer's input width (tiny: 32)
+        block_size = next((b for b in (128, 64, 32) if not any(l.in_features % b for l in layers if l.kind == "linear")), 32)
     indivisible = [l.name for l in layers if l.kind == "linear" and l.in_features % block_size]
     if 4 in bits and indivisible:
         raise ValueError(f"block size {block_size} does not divide the input width of {indivisible[:3]}")

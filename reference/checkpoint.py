@@ -21,7 +21,7 @@ from .transformer import MeissonicTransformer, TransformerConfig
 from .vqvae import VQConfig, VQModel
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message names the file and the problem."""
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+REQUIRED_KEYS = ("model", "resolutions", "base_variants", "graphs", "files")
+REQUIRED_MODEL_KEYS = ("mask_token_id", "vae_scale_factor", "defaults")
 
 
 class BundleError(Exception):
@@ -88,9 +90,17 @@ def read_manifest(bundle: Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: not a manifest (expected a JSON object)")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format version {version!r} is not supported (this runtime reads {FORMAT_VERSION})")
+    missing = [key for key in REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise BundleError(f"{path}: incomplete manifest, missing {missing}")
+    missing = [key for key in REQUIRED_MODEL_KEYS if key not in raw["model"]]
+    if missing:
+        raise BundleError(f"{path}: incomplete manifest, model lacks {missing}")
     return Manifest(bundle, raw)
 
 

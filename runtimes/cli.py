@@ -1,7 +1,8 @@
 """`meissonic-generate`: text-to-image, image-to-image and inpainting from an exported bundle, offline.
 
 Runs on numpy + onnxruntime (or Core ML); torch is not needed. The same seed gives the same image as
-the PyTorch reference and every other backend.
+the PyTorch reference and every other backend. Steps, guidance, temperature and size default to the
+bundle's own generation settings (the model's, recorded at export).
 """
 from __future__ import annotations
 
@@ -10,68 +11,83 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_common import ArgumentParser, HelpFormatter, UsageError, check_output_file, finite_float, parse_size, run_main, save_images
+from .limits import MAX_SEED, check_int
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="meissonic-generate",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="examples:\n"
-        '  meissonic-generate bundle/ "a photo of a cat wearing a hat" --seed 3 --out cat.png\n'
-        '  meissonic-generate bundle/ "a dog" --image cat.png --strength 0.6 --out dog.png\n'
-        '  meissonic-generate bundle/ "a red hat" --image cat.png --mask hat-mask.png --out red-hat.png',
+        '  meissonic-generate bundle/ "a red circle on a blue background" --seed 3 --out circle.png\n'
+        '  meissonic-generate bundle/ "a green circle on a blue background" --image circle.png --strength 0.6 --out green.png\n'
+        '  meissonic-generate bundle/ "a yellow square on a blue background" --image circle.png --mask mask.png --out square.png\n',
     )
     parser.add_argument("bundle", type=Path, help="bundle folder written by `meissonic-export export`")
     parser.add_argument("prompt", nargs="?", help="text prompt (or use --prompts-file)")
     parser.add_argument("--prompts-file", type=Path, help="one prompt per line; images are numbered")
-    parser.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty prompt)")
-    parser.add_argument("--steps", type=int, default=48, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=9.0, help="classifier-free guidance scale (<= 1: none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of numpy's PCG64 generator")
-    parser.add_argument("--size", default=None, help="image size, e.g. 1024 or 768x512 (default: the bundle's largest)")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--temperature", type=float, nargs=2, default=(2.0, 0.0), metavar=("START", "END"), help="Gumbel noise temperature, annealed linearly")
+    parser.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the bundle's)")
+    parser.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale, <= 1: none (default: the bundle's)")
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of numpy's PCG64 generator, 0..{MAX_SEED} (default: 0)")
+    parser.add_argument("--size", default=None, help="image size, e.g. 1024 or 768x512 (default: the model's own, else the bundle's largest)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    parser.add_argument("--temperature", type=finite_float, nargs=2, default=None, metavar=("START", "END"), help="Gumbel noise temperature, annealed linearly (default: the bundle's)")
     parser.add_argument("--image", type=Path, help="input image for image-to-image or inpainting")
-    parser.add_argument("--strength", type=float, default=1.0, help="with --image: how much to change (1 = regenerate fully)")
+    parser.add_argument("--strength", type=finite_float, default=1.0, help="with --image: how much to change, in (0, 1] (default: 1, regenerate fully)")
     parser.add_argument("--mask", type=Path, help="with --image: white where to regenerate (inpainting/outpainting)")
-    parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (numbered when several)")
-    parser.add_argument("--backend", choices=["onnx", "coreml"], default="onnx", help="onnx: onnxruntime; coreml: Core ML (macOS) or the numpy MIL evaluator elsewhere")
-    parser.add_argument("--variant", default=None, help="precision variant in the bundle: fp32, fp16, int8, int4 (default: the bundle's base)")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
-    parser.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider")
-    parser.add_argument("--optimization", choices=["disable", "basic", "extended", "all"], default="all", help="onnxruntime graph optimization level")
+    parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG, numbered when several (default: out.png)")
+    parser.add_argument("--backend", choices=["onnx", "coreml"], default="onnx", help="onnx: onnxruntime; coreml: Core ML (macOS) or the numpy MIL evaluator elsewhere (default: onnx)")
+    parser.add_argument("--variant", default=None, help="precision variant in the bundle: fp32, fp16, int8, int4, ... (default: the bundle's base)")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, 0: one per core (default: 0)")
+    parser.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider (default: CPUExecutionProvider)")
+    parser.add_argument("--optimization", choices=["disable", "basic", "extended", "all"], default="all", help="onnxruntime graph optimization level (default: all)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def _size(text: str | None) -> tuple[int | None, int | None]:
-    if text is None:
-        return None, None
-    width, _, height = text.partition("x")
-    if not (width.isdigit() and (not height or height.isdigit())):
-        raise ValueError(f"--size: cannot read {text!r}; use e.g. 1024 or 768x512")
-    return int(width), int(height or width)
-
-
 def _prompts(args) -> list[str]:
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
-            raise ValueError(f"{args.prompts_file}: prompts file not found")
-        prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+            raise UsageError(f"--prompts-file: {args.prompts_file} not found")
+        try:
+            lines = args.prompts_file.read_text().splitlines()
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompts-file: {args.prompts_file} is not UTF-8 text") from None
+        prompts = [line.strip() for line in lines if line.strip()]
         if not prompts:
-            raise ValueError(f"{args.prompts_file}: no prompts in the file")
+            raise UsageError(f"--prompts-file: no prompts in {args.prompts_file}")
         return prompts
     if args.prompt is None:
-        raise ValueError("give a prompt or --prompts-file")
+        raise UsageError("give a prompt or --prompts-file")
     return [args.prompt]
 
 
 def run(args) -> None:
+    prompts = _prompts(args)
+    width, height = parse_size("--size", args.size) if args.size is not None else (None, None)
+    check_int("--seed", args.seed, 0, MAX_SEED)
+    check_int("--threads", args.threads, 0, 1024)
+    check_output_file("--out", args.out)
+    for option, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{option}: {path} not found")
+    if args.mask is not None and args.image is None:
+        raise UsageError("--mask: a mask needs an input image (--image)")
+    if args.image is not None:  # read the input images now, not after the text encoder has run
+        from .images import open_image
+
+        image = open_image(args.image)
+        if args.mask is not None and open_image(args.mask).size != image.size:
+            mask = open_image(args.mask)
+            raise UsageError(f"--mask: mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}")
+
     from .onnx_backend import OnnxOptions
     from .pipeline import MeissonicRuntime
 
-    prompts, (width, height) = _prompts(args), _size(args.size)
     options = OnnxOptions(intra_op_threads=args.threads, optimization=args.optimization, providers=(args.provider,))
     # One generation per process: each graph is loaded for its phase only (low_memory costs nothing here).
     runtime = MeissonicRuntime.from_bundle(
@@ -81,30 +97,21 @@ def run(args) -> None:
     started = time.time()
     result = runtime.generate(
         prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-        width=width, height=height, num_images=args.num_images, temperature=tuple(args.temperature),
+        width=width, height=height, num_images=args.num_images, temperature=args.temperature,
         image=args.image, strength=args.strength, mask=args.mask, progress=not args.no_progress,
     )  # fmt: skip
-    images = result.images
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [args.out] if len(images) == 1 else [args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}") for i in range(len(images))]
-    for image, path in zip(images, paths):
-        image.save(path)
-        print(f"wrote {path}")
+    images = save_images(result.images, args.out)
     print(f"{len(images)} image(s) in {time.time() - started:.1f} s", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     from .bundle import BundleError
     from .images import ImageInputError
+    from .limits import RuntimeInputError
     from .tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (BundleError, ImageInputError, TokenizerError, ValueError) as error:
-        print(f"meissonic-generate: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("meissonic-generate", lambda: run(args), (BundleError, ImageInputError, TokenizerError, RuntimeInputError, OSError))
 
 
 if __name__ == "__main__":

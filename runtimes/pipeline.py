@@ -11,15 +11,12 @@ from pathlib import Path
 
 from .bundle import BundleError, read_manifest, verify_files
 from .images import ImageInputError
+from .limits import RuntimeInputError, check_request
 from .onnx_backend import OnnxBackend, OnnxOptions
 from .sampler import ModelFacts, Request, Result, Sampler
 from .tokenizer import CLIPTokenizer
 
 BACKENDS = ("onnx", "coreml")
-
-
-class RuntimeInputError(ValueError):
-    """A generation request that cannot be served; the message says what is wrong."""
 
 
 class MeissonicRuntime:
@@ -57,41 +54,48 @@ class MeissonicRuntime:
             backend_impl = CoreMLBackend(manifest, variant, verify=verify)
         return cls(manifest, backend_impl, CLIPTokenizer(manifest.root / "tokenizer"), low_memory)
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        own = self.manifest.model["defaults"].get("resolution")
+        if own is not None and tuple(own) in self.manifest.resolutions:
+            return tuple(own)
+        return max(self.manifest.resolutions, key=lambda r: r[0] * r[1])
+
     def generate(
         self,
         prompt: str | list[str],
         negative_prompt: str | None = None,
-        steps: int = 48,
-        guidance_scale: float = 9.0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = 0,
         width: int | None = None,
         height: int | None = None,
         num_images: int = 1,
-        temperature: tuple[float, float] = (2.0, 0.0),
+        temperature: tuple[float, float] | None = None,
         image=None,
         strength: float = 1.0,
         mask=None,
         progress: bool = True,
     ) -> Result:
         """Same parameters and randomness as the reference pipeline with `UniformNoise.from_seed(seed)`.
-        Size defaults to the bundle's largest resolution."""
+        What is not given comes from the bundle's generation defaults (the model's own settings, from
+        its checkpoint's `generation_config.json`, or the official Meissonic ones); the size defaults to
+        the model's resolution, else the bundle's largest."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        defaults = self.manifest.model["defaults"]
+        steps = defaults["steps"] if steps is None else steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        temperature = tuple(defaults["temperature"]) if temperature is None else tuple(temperature)
         if width is None or height is None:
-            width, height = max(self.manifest.resolutions, key=lambda r: r[0] * r[1])
+            width, height = self.default_size
         supported = self.manifest.resolutions
         if (width, height) not in supported:
             listed = ", ".join(f"{w}x{h}" for w, h in supported)
             raise RuntimeInputError(f"size {width}x{height} is not supported by this bundle (exported and validated for {listed})")
-        if steps < 1:
-            raise RuntimeInputError(f"steps must be at least 1 (got {steps})")
-        if guidance_scale < 0:
-            raise RuntimeInputError(f"guidance scale must be >= 0 (got {guidance_scale})")
-        if num_images < 1 or not prompts:
-            raise RuntimeInputError("need at least one prompt and one image per prompt")
-        if mask is not None and image is None:
-            raise RuntimeInputError("a mask needs an input image (--image)")
-        if not 0 < strength <= 1:
-            raise RuntimeInputError(f"strength must be in (0, 1] (got {strength})")
+        check_request(
+            steps=steps, guidance=guidance_scale, temperature=temperature, strength=strength, seed=seed,
+            images=len(prompts) * num_images, has_image=image is not None, has_mask=mask is not None,
+        )  # fmt: skip
         request = Request(
             prompts=prompts, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
             guidance_scale=guidance_scale, num_images=num_images, seed=seed, temperature=tuple(temperature),

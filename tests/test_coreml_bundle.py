@@ -134,7 +134,7 @@ def test_generate_cli_says_which_core_ml_it_uses(coreml_bundle, tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "runtimes.cli", str(coreml_bundle), "a cat", "--backend", "coreml", "--variant", "int4",
          "--steps", "3", "--size", "192x128", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, check=False, timeout=300,
+        capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     engine = "MLModel.predict" if sys.platform == "darwin" else "numpy MIL evaluator"

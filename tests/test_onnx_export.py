@@ -152,8 +152,8 @@ def test_killed_export_leaves_no_bundle(golden_checkpoint, tmp_path):
     out = tmp_path / "bundle"
     command = [sys.executable, "-m", "meissonic_export.cli", "export", str(golden_checkpoint), "--out", str(out), "--resolution", "128"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not any(tmp_path.glob(".bundle.partial-*/onnx/fp32/*/model.onnx")) and time.time() < deadline:
+    # wait for the first exported graph, however long this machine takes (no clock involved)
+    while not any(tmp_path.glob(".bundle.partial-*/onnx/fp32/*/model.onnx")) and process.poll() is None:
         time.sleep(0.2)
     assert process.poll() is None, "the export ended before it could be interrupted"
     os.kill(process.pid, signal.SIGKILL)
@@ -166,16 +166,16 @@ def test_killed_export_leaves_no_bundle(golden_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--targets", "tflite"], "unknown target(s) ['tflite']"),
-        (["--resolution", "500"], "resolution 500x500 is not a positive multiple of 32"),
+        (["--targets", "tflite"], "--targets: unknown target(s) ['tflite']"),
+        (["--resolution", "500"], "--resolution: 500x500 is not a positive multiple of 32"),
         (["--resolution", "big"], "cannot read 'big'"),
-        (["--graphs", "unet"], "unknown graph(s) ['unet']"),
+        (["--graphs", "unet"], "--graphs: unknown graph(s) ['unet']"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(arguments, message, golden_checkpoint, tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "meissonic_export.cli", "export", str(golden_checkpoint), "--out", str(tmp_path / "b"), *arguments],
-        capture_output=True, text=True, check=False, timeout=60,
+        capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
@@ -189,6 +189,6 @@ def test_missing_checkpoint_and_existing_bundle(tmp_path, tiny_bundle, golden_ch
     ):
         run = subprocess.run(
             [sys.executable, "-m", "meissonic_export.cli", "export", str(checkpoint), "--out", str(out)],
-            capture_output=True, text=True, check=False, timeout=60,
+            capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr

@@ -128,7 +128,7 @@ def test_runtime_needs_no_torch(tiny_bundle, tmp_path):
         "assert 'torch' not in sys.modules; sys.exit(code)"
     )
     env = {"PYTHONPATH": f"{tmp_path}:{__import__('os').getcwd()}", "PATH": "/usr/bin:/bin"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     assert run.returncode == 0, run.stderr
     assert Image.open(out).size == SIZE
     check = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, check=False, env=env)
@@ -138,7 +138,7 @@ def test_runtime_needs_no_torch(tiny_bundle, tmp_path):
 # ---- bad input: one line naming the problem ----------------------------------------------------
 
 
-def _generate(*args, timeout=120):
+def _generate(*args):
     run = subprocess.run([sys.executable, "-m", "runtimes.cli", *map(str, args), "--no-progress"], capture_output=True, text=True, check=False, timeout=timeout)
     return run.returncode, run.stderr.strip().splitlines()
 

@@ -1,0 +1,130 @@
+"""What both command lines share: option parsing, output checks, atomic writes, one-line errors.
+
+torch-free, so that `meissonic-export` can refuse a bad argument before it imports torch (4 s).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from .limits import MAX_SIDE, RuntimeInputError
+
+
+class UsageError(RuntimeInputError):
+    """Bad command-line input, reported as one line."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose paragraph by paragraph but keeps indented blocks (examples) one per line; wide enough
+    that option help and graph names are not broken mid-word."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32, width=110)
+
+    def _fill_text(self, text, width, indent):
+        paragraphs = []
+        for paragraph in text.strip("\n").split("\n\n"):
+            if "\n  " in paragraph or paragraph.startswith("  "):
+                paragraphs.append(paragraph)
+            else:
+                paragraphs.append(textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent, subsequent_indent=indent))
+        return "\n\n".join(paragraphs) + "\n"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's errors as one line (its default prints the usage first): `prog: error: message`."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if math.isnan(value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
+
+
+def parse_size(option: str, text: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '768x512' -> (768, 512); at most MAX_SIDE pixels a side."""
+    width, _, height = text.strip().partition("x")
+    if not (width.isdigit() and (not height or height.isdigit())):
+        raise UsageError(f"{option}: cannot read {text!r}; use sizes like 512 or 768x512")
+    size = int(width), int(height or width)
+    if not all(0 < side <= MAX_SIDE for side in size):
+        raise UsageError(f"{option}: {size[0]}x{size[1]} is outside 1..{MAX_SIDE} pixels a side")
+    return size
+
+
+def names(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, (part.strip() for part in text.split(","))))
+
+
+def numbered_paths(out: Path, count: int) -> list[Path]:
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def check_output_file(option: str, out: Path, suffix: str = ".png") -> None:
+    """Refuse, before any work, an output path that cannot be written as a file."""
+    if out.suffix.lower() != suffix:
+        raise UsageError(f"{option}: {out} must end in {suffix}")
+    if out.is_dir():
+        raise UsageError(f"{option}: {out} is a folder; give a file name such as {out / ('image' + suffix)}")
+    check_output_parent(option, out)
+
+
+def check_output_parent(option: str, out: Path) -> None:
+    parent = out.parent
+    for ancestor in [parent, *parent.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise UsageError(f"{option}: {ancestor} is a file, so {out} cannot be created")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise UsageError(f"{option}: {ancestor} is not writable")
+            return
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(temporary_path)` then rename onto `path`: a reader (or a second process writing the same
+    name) sees the old file or the whole new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def save_images(images, out: Path) -> list[Path]:
+    paths = numbered_paths(out, len(images))
+    for image, path in zip(images, paths, strict=True):
+        write_atomically(path, lambda temporary, image=image: image.save(temporary, format="PNG"))
+        print(f"wrote {path}")
+    return paths
+
+
+def run_main(prog: str, run, errors: tuple[type[BaseException], ...]) -> int:
+    """Run a command: known errors and Ctrl-C become one line on stderr (exit 2 and 130)."""
+    try:
+        run()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except errors as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,284 @@
+"""Bad input, as a new user gives it: every case exits 2 with exactly one line on stderr that names the
+argument or file, no traceback, and leaves the folder it ran in exactly as it was.
+
+The command lines run in-process (their `main(argv)`), which is what the console scripts call; a few
+cases run as real processes to show that argument errors come before torch is imported and that
+Ctrl-C exits 130 cleanly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meissonic_export.cli import main as export_main
+from runtimes.cli import main as generate_main
+
+BIG = str(2**64)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def workspace(tmp_path, golden_checkpoint, tiny_bundle):
+    """A folder with what the bad inputs refer to: a user's own folder and file, a text file posing as an
+    image, a checkpoint copy, and a non-bundle folder."""
+    (tmp_path / "mydocs").mkdir()
+    (tmp_path / "mydocs" / "thesis.txt").write_text("years of work")
+    (tmp_path / "file.txt").write_text("not a folder")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    Image.new("RGB", (128, 128), (200, 30, 30)).save(tmp_path / "red.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "small-mask.png")
+    recipes = {"null-layers.json": {"name": "x", "scheme": "int4", "layers": None}, "list.json": [1, 2]}
+    for name, value in recipes.items():
+        (tmp_path / name).write_text(json.dumps(value))
+    (tmp_path / "broken.json").write_text("{not json")
+    return tmp_path
+
+
+def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
+    """(command, argv, text the one line must contain). Paths are relative to the workspace."""
+    exp = ["export", golden, "--out", "b"]
+    gen = [bundle, "a cat"]
+    return [
+        # make-checkpoint
+        ("export", ["make-checkpoint", "mydocs"], "already exists"),
+        ("export", ["make-checkpoint", "mydocs", "--overwrite"], "not a checkpoint folder written by meissonic-export"),
+        ("export", ["make-checkpoint", "file.txt", "--overwrite"], "is not a folder"),
+        ("export", ["make-checkpoint", "file.txt/ck"], "file.txt is a file"),
+        ("export", ["make-checkpoint", "ck", "--seed", "-1"], "--seed"),
+        ("export", ["make-checkpoint", "ck", "--preset", "huge"], "--preset"),
+        ("export", ["train", "mydocs", "--overwrite"], "not a checkpoint folder written by meissonic-export"),
+        ("export", ["train", "ck", "--threads", "0"], "--threads"),
+        # export
+        ("export", ["export", "missing", "--out", "b"], "missing: checkpoint folder not found"),
+        ("export", ["export", "mydocs", "--out", "b"], "no model_index.json"),
+        ("export", ["export", golden, "--out", golden, "--overwrite"], "overlaps the source"),
+        ("export", ["export", golden, "--out", golden + "/inside", "--overwrite"], "overlaps the source"),
+        ("export", ["export", golden, "--out", "mydocs", "--overwrite"], "not a bundle written by meissonic-export"),
+        ("export", ["export", golden, "--out", "file.txt", "--overwrite"], "is not a folder"),
+        ("export", ["export", golden, "--out", "file.txt/b"], "file.txt is a file"),
+        ("export", ["export", golden, "--out", bundle], "already exists (pass --overwrite"),
+        ("export", [*exp, "--targets", ""], "--targets: no target"),
+        ("export", [*exp, "--targets", "tflite"], "--targets: unknown target"),
+        ("export", [*exp, "--graphs", ""], "--graphs: no graph"),
+        ("export", [*exp, "--graphs", "unet"], "--graphs: unknown graph"),
+        ("export", [*exp, "--resolution", "100000"], "--resolution: 100000x100000 is outside"),
+        ("export", [*exp, "--resolution", "big"], "--resolution: cannot read 'big'"),
+        ("export", [*exp, "--resolution", "500"], "--resolution: 500x500 is not a positive multiple"),
+        ("export", [*exp, "--resolution", "0"], "--resolution: 0x0 is outside"),
+        ("export", [*exp, "--resolution", ""], "--resolution: no resolution"),
+        ("export", [*exp, "--quantize", "int3"], "--quantize: unknown scheme"),
+        ("export", [*exp, "--quantize", "palette4"], "add --targets coreml"),
+        ("export", [*exp, "--chunks", "0"], "--chunks"),
+        ("export", [*exp, "--quality-steps", "0"], "--quality-steps"),
+        ("export", [*exp, "--quantize", "int4", "--recipe", "int9-magic"], "int9-magic: no such recipe"),
+        ("export", [*exp, "--quantize", "int4", "--recipe", "null-layers.json"], "'layers' must be a list"),
+        ("export", [*exp, "--quantize", "int4", "--recipe", "list.json"], "not a valid recipe"),
+        ("export", [*exp, "--quantize", "int4", "--recipe", "broken.json"], "not a valid recipe"),
+        ("export", [*exp, "--dtype", "fp64"], "--dtype"),
+        ("export", [*exp, "--block-size", "48"], "--block-size"),
+        ("export", [*exp, "--seed", "-1"], "--seed"),
+        ("export", ["export", golden], "--out"),
+        # evaluate
+        ("export", ["evaluate", "missing"], "not a bundle"),
+        ("export", ["evaluate", bundle, "--count", "0"], "--count"),
+        ("export", ["evaluate", bundle, "--held-out-seeds", "-1"], "--held-out-seeds"),
+        ("export", ["evaluate", bundle, "--backend", "tpu"], "--backend"),
+        ("export", ["evaluate", bundle, "--out", "file.txt"], "is not a folder"),
+        # meissonic-generate
+        ("generate", ["missing", "a cat"], "missing: bundle folder not found"),
+        ("generate", ["mydocs", "a cat"], "manifest.json: missing"),
+        ("generate", [bundle], "give a prompt or --prompts-file"),
+        ("generate", [bundle, "--prompts-file", "nope.txt"], "--prompts-file: nope.txt not found"),
+        ("generate", [bundle, "--prompts-file", "empty.txt"], "--prompts-file: no prompts"),
+        ("generate", [*gen, "--steps", "0"], "--steps"),
+        ("generate", [*gen, "--steps", "100000"], "--steps"),
+        ("generate", [*gen, "--guidance", "nan"], "--guidance"),
+        ("generate", [*gen, "--guidance", "inf"], "--guidance"),
+        ("generate", [*gen, "--guidance", "-1"], "--guidance"),
+        ("generate", [*gen, "--temperature", "nan", "0"], "--temperature"),
+        ("generate", [*gen, "--temperature", "-1", "0"], "--temperature"),
+        ("generate", [*gen, "--strength", "0"], "--strength"),
+        ("generate", [*gen, "--strength", "1.5"], "--strength"),
+        ("generate", [*gen, "--image", "red.png", "--strength", "0.1", "--steps", "4", "--size", "192x128"], "runs no denoising step"),
+        ("generate", [*gen, "--seed", "-1"], "--seed"),
+        ("generate", [*gen, "--seed", BIG], "--seed"),
+        ("generate", [*gen, "--num-images", "1000"], "--num-images"),
+        ("generate", [*gen, "--num-images", "0"], "at least one"),
+        ("generate", [*gen, "--size", "100000"], "--size: 100000x100000 is outside"),
+        ("generate", [*gen, "--size", "256"], "size 256x256 is not supported by this bundle"),
+        ("generate", [*gen, "--size", "abc"], "--size: cannot read"),
+        ("generate", [*gen, "--image", "nope.png"], "--image: nope.png not found"),
+        ("generate", [*gen, "--image", "file.txt"], "unreadable image"),
+        ("generate", [*gen, "--mask", "red.png"], "--mask: a mask needs an input image"),
+        ("generate", [*gen, "--image", "red.png", "--mask", "small-mask.png"], "mask is 64x64 but the image is 128x128"),
+        ("generate", [*gen, "--out", "mydocs"], "--out: mydocs is a folder"),
+        ("generate", [*gen, "--out", "file.txt/x.png"], "file.txt is a file"),
+        ("generate", [*gen, "--out", "image.jpg"], "must end in .png"),
+        ("generate", [*gen, "--variant", "int7"], "variant 'int7' is not in"),
+        ("generate", [*gen, "--backend", "coreml"], "no coreml graphs"),
+        ("generate", [*gen, "--threads", "-1"], "--threads"),
+        ("generate", [*gen, "--backend", "cuda"], "--backend"),
+    ]
+
+
+CASES = _cases("GOLDEN", "BUNDLE")
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}:{' '.join(c[1])[:60]}" for c in CASES])
+def test_bad_input_is_one_line_and_leaves_nothing(index, workspace, golden_checkpoint, tiny_bundle, capsys, monkeypatch):
+    command, argv, expected = CASES[index]
+    argv = [str(golden_checkpoint) if a == "GOLDEN" else str(tiny_bundle) if a == "BUNDLE" else a.replace("GOLDEN", str(golden_checkpoint)) for a in argv]
+    monkeypatch.chdir(workspace)
+    before, bundle_before = _snapshot(workspace), _snapshot(tiny_bundle)
+    main = export_main if command == "export" else generate_main
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("backend:")]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert expected in lines[0], lines[0]
+    assert _snapshot(workspace) == before, "the workspace changed"
+    assert _snapshot(tiny_bundle) == bundle_before
+    assert _snapshot(golden_checkpoint.parent)  # the golden folder is still there
+
+
+def test_the_suite_covers_every_command():
+    commands = {(c, a[0] if c == "export" else "generate") for c, a, _ in CASES}
+    assert {("export", name) for name in ("make-checkpoint", "train", "export", "evaluate")} <= commands
+    assert ("generate", "generate") in commands
+    assert len(CASES) >= 60
+
+
+def test_manifest_missing_keys_is_one_line(tiny_bundle, tmp_path, capsys):
+    for key in ("files", "model"):
+        copy = tmp_path / f"no-{key}"
+        copy.mkdir()
+        manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+        del manifest[key]
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        assert generate_main([str(copy), "a cat"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"missing ['{key}']" in err, err
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"guidance_scale": math.nan}, "--guidance"),
+        ({"guidance_scale": math.inf}, "--guidance"),
+        ({"steps": 0}, "--steps"),
+        ({"num_images": 100}, "--num-images"),
+        ({"seed": -1}, "--seed"),
+        ({"temperature": (math.nan, 0.0)}, "--temperature"),
+        ({"strength": 0.1, "steps": 4, "image": "RED"}, "runs no denoising step"),
+        ({"width": 100000, "height": 100000}, "not supported by this bundle"),
+    ],
+)
+def test_python_api_refuses_the_same(kwargs, message, tiny_bundle, workspace):
+    from runtimes.pipeline import MeissonicRuntime, RuntimeInputError
+
+    runtime = MeissonicRuntime.from_bundle(tiny_bundle, verify=False)
+    kwargs = {k: (workspace / "red.png" if v == "RED" else v) for k, v in kwargs.items()}
+    with pytest.raises(RuntimeInputError, match=message.replace("-", r"\-")):
+        runtime.generate("a cat", **{"width": 192, "height": 128, **kwargs}, progress=False)
+
+
+def test_a_huge_input_image_is_refused_before_decoding(tiny_bundle, tmp_path, capsys):
+    Image.new("1", (20000, 20000)).save(tmp_path / "huge.png")  # 400 Mpx, a few kB on disk
+    code = generate_main([str(tiny_bundle), "a cat", "--image", str(tmp_path / "huge.png"), "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "20000x20000 pixels is over the limit" in err[-1]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_argument_errors_come_before_torch_is_imported(tmp_path):
+    probe = (
+        "import sys\n"
+        "from meissonic_export.cli import main\n"
+        f"code = main(['export', {str(tmp_path)!r}, '--out', {str(tmp_path / 'b')!r}, '--resolution', '100000'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(code)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--resolution" in run.stderr, run.stderr
+
+
+def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(golden_checkpoint, tmp_path):
+    out = tmp_path / "bundle"
+    command = [sys.executable, "-m", "meissonic_export.cli", "export", str(golden_checkpoint), "--out", str(out), "--resolution", "128", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not any(tmp_path.glob(".bundle.partial-*/onnx/fp32/*/model.onnx")) and process.poll() is None:
+        os.sched_yield()
+    assert process.poll() is None, "the export ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate()
+    lines = [line for line in err.splitlines() if line.strip() and "coremltools" not in line and "Failed to load" not in line and "Torch version" not in line]
+    assert process.returncode == 130, err
+    assert len(lines) == 1 and "interrupted" in lines[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_overwrite_replaces_only_what_this_tool_wrote(tmp_path, capsys):
+    out = tmp_path / "ck"
+    assert export_main(["make-checkpoint", str(out), "--preset", "tiny"]) == 0
+    weights = (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert export_main(["make-checkpoint", str(out), "--preset", "tiny", "--seed", "1", "--overwrite"]) == 0
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() != weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no staging or trash folder left
+
+
+@pytest.mark.parametrize(
+    "mode, make, expected",
+    [
+        ("1", lambda: Image.new("1", (4, 4), 1), (255, 255, 255)),
+        ("L", lambda: Image.new("L", (4, 4), 100), (100, 100, 100)),
+        ("LA", lambda: Image.new("LA", (4, 4), (100, 0)), (100, 100, 100)),
+        ("P", lambda: Image.new("RGB", (4, 4), (10, 20, 30)).convert("P"), (10, 20, 30)),
+        ("RGBA", lambda: Image.new("RGBA", (4, 4), (10, 20, 30, 0)), (10, 20, 30)),
+        ("CMYK", lambda: Image.new("CMYK", (4, 4), (0, 255, 255, 0)), (255, 0, 0)),
+        ("I;16", lambda: Image.fromarray(np.full((4, 4), 40000, np.uint16), mode="I;16"), (156, 156, 156)),
+        ("I", lambda: Image.fromarray(np.full((4, 4), 40000, np.int32), mode="I"), (156, 156, 156)),
+        ("F", lambda: Image.fromarray(np.full((4, 4), 100.4, np.float32), mode="F"), (100, 100, 100)),
+    ],
+)
+def test_every_image_mode_is_read_correctly(mode, make, expected, tmp_path):
+    from runtimes.images import image_to_pixels
+
+    image = make()
+    assert image.mode == mode
+    path = tmp_path / ("image.tiff" if mode in ("I;16", "I", "F", "CMYK") else "image.png")
+    image.save(path)
+    pixels = image_to_pixels(path, 4, 4)
+    assert np.allclose(pixels[0, :, 0, 0] * 255, expected, atol=0.5), (mode, pixels[0, :, 0, 0] * 255)
+
+
+def test_atomic_writes_leave_old_or_new_never_half(tmp_path):
+    from runtimes.cli_common import write_atomically
+
+    target = tmp_path / "r.png"
+    target.write_bytes(b"old")
+
+    def failing(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomically(target, failing)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
+    write_atomically(target, lambda path: path.write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
