@@ -6,6 +6,7 @@ the embedded demo); `small` is a mid-size model for scale tests and benchmarks.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,19 @@ PRESETS = {
         "!",
     ),
     "meissonic-1b": Preset(TransformerConfig(), VQConfig(), _clip(1024, 24, 16, 1024), "!"),
+    # the demo model's architecture (`reference/training.py` trains it; `shapes` ships the result)
+    "shapes": Preset(
+        TransformerConfig(
+            num_attention_heads=4, attention_head_dim=32, num_layers=2, num_single_layers=4, axes_dims_rope=[8, 12, 12],
+            joint_attention_dim=64, pooled_projection_dim=128, codebook_size=256, vocab_size=257,
+        ),
+        VQConfig(block_out_channels=[8, 16, 32, 64, 64], layers_per_block=1, latent_channels=8, num_vq_embeddings=256, norm_num_groups=1),
+        {**_clip(64, 2, 2, 128), "intermediate_size": 256},
+        "<|endoftext|>",
+    ),
 }  # fmt: skip
+TRAINED = {"shapes": Path(__file__).parent / "assets" / "shapes"}  # presets whose checkpoint ships trained
+OWNER_MARKER = ".written-by-meissonic-export"
 
 
 def build_random(preset: Preset, seed: int = 0) -> dict[str, torch.nn.Module]:
@@ -70,16 +83,12 @@ def build_random(preset: Preset, seed: int = 0) -> dict[str, torch.nn.Module]:
     return {name: COMPONENTS[name].build(config).eval() for name, config in configs.items()}
 
 
-def write_checkpoint(preset_name: str, out: Path, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint of a preset in the released folder layout (atomically)."""
-    preset = PRESETS[preset_name]
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists; choose another folder or remove it")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        for name, module in build_random(preset, seed).items():
+def write_checkpoint_folder(modules: dict[str, torch.nn.Module], out: Path, pad_token: str, extras=None, overwrite: bool = False) -> Path:
+    """Write `modules` (transformer, vqvae, text_encoder) as a checkpoint folder in the released layout.
+    `extras(folder)` may add files (a training report) before the folder is moved into place."""
+
+    def fill(staging: Path) -> None:
+        for name, module in modules.items():
             save_component(module, staging, name)
         _write_json(staging / "model_index.json", {
             "_class_name": "Pipeline",
@@ -89,22 +98,58 @@ def write_checkpoint(preset_name: str, out: Path, seed: int = 0) -> Path:
             "transformer": ["src.transformer", "Transformer2DModel"],
             "vqvae": ["diffusers", "VQModel"],
         })  # fmt: skip
+        mask_id = modules["transformer"].config.mask_token_id
         _write_json(
             staging / "scheduler" / "scheduler_config.json",
-            {"_class_name": "Scheduler", "mask_token_id": preset.transformer.mask_token_id, "masking_schedule": "cosine"},
+            {"_class_name": "Scheduler", "mask_token_id": mask_id, "masking_schedule": "cosine"},
         )
         tokenizer = staging / "tokenizer"
         tokenizer.mkdir()
         for name in ("vocab.json", "merges.txt"):
             shutil.copyfile(TOKENIZER_ASSETS / name, tokenizer / name)
-        special = {**SPECIAL_TOKENS, "pad_token": preset.pad_token}
+        special = {**SPECIAL_TOKENS, "pad_token": pad_token}
         _write_json(tokenizer / "special_tokens_map.json", special)
         _write_json(tokenizer / "tokenizer_config.json", {
             **special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer",
         })  # fmt: skip
+        if extras is not None:
+            extras(staging)
+
+    return _write_folder(out, fill, overwrite)
+
+
+def write_checkpoint(preset_name: str, out: Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a preset's checkpoint: the shipped trained weights for a trained preset (`shapes`), random
+    weights from `seed` for the others."""
+    if preset_name in TRAINED:
+        source = TRAINED[preset_name]
+
+        def copy(staging: Path) -> None:
+            shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
+
+        return _write_folder(out, copy, overwrite)
+    preset = PRESETS[preset_name]
+    return write_checkpoint_folder(build_random(preset, seed), out, preset.pad_token, overwrite=overwrite)
+
+
+def _write_folder(out: Path, fill, overwrite: bool = False) -> Path:
+    """Stage a folder beside `out` with `fill(staging)`, mark it as this tool's, and rename it into
+    place: nothing half-written is ever at `out`, and an interrupted write leaves no staging folder.
+    `overwrite` replaces only a folder that carries the marker (one this tool wrote)."""
+    out = Path(out)
+    if out.exists() and not (overwrite and (out / OWNER_MARKER).is_file()):
+        raise FileExistsError(f"{out}: already exists" + (" and was not written by meissonic-export; not replacing it" if overwrite else "; choose another folder or pass --overwrite"))
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+    try:
+        fill(staging)
+        (staging / OWNER_MARKER).write_text("a checkpoint folder written by meissonic-export\n")
+        if out.exists():
+            out.rename(trash)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
     return out
 
 
