@@ -2,8 +2,10 @@
 
 - int4 (and int8 layers of a mixed recipe): `MatMulNBitsQuantizer`, block-wise, weight-only; the CPU
   kernel dequantizes blocks on the fly (accuracy_level 4: int8 activations inside the kernel).
-- int8: per-output-channel symmetric weights through `quantize_dynamic` (MatMulInteger with
+- int8: per-output-channel uint8 weights through `quantize_dynamic` (MatMulInteger with
   DynamicQuantizeLinear activations), measured faster on CPU than weight-only int8 (see README).
+  U8U8, not U8S8: on x86 CPUs without VNNI (AVX2) onnxruntime's U8S8 kernel uses VPMADDUBSW, whose
+  16-bit sums saturate; the tiny CLIP's text embeddings fell to 13.9 dB SQNR there (33 dB with U8U8).
 - Conv, ConvTranspose and Gather (embedding) weights, which those tools quantize only together with
   calibrated activations: int8 per-output-channel weight-only, as `DequantizeLinear(int8 W, scale)`
   in front of the op, the form ONNX's QDQ format defines (written here: ~20 lines, no tool does it).
@@ -182,7 +184,7 @@ def quantize_graph(fp32_path: Path, out_dir: Path, prefix: str, plan: dict[str, 
                     onnx.save(model, str(source), save_as_external_data=large, location="model.onnx.data")
                     del model  # quantize_dynamic loads its own copy: two would not fit beside the 1B exporter
                     quantize_dynamic(
-                        source, out, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                        source, out, per_channel=True, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul"],
                         nodes_to_quantize=[l.node for l in int8_matmul], use_external_data_format=large,
                         extra_options={"MatMulConstBOnly": True},
                     )  # fmt: skip
@@ -210,7 +212,7 @@ def dequantized_weights(model_path: Path, graph_layers: list[Layer]) -> dict[str
     weights = {}
     for layer in graph_layers:
         w = layer.weight
-        if w + "_quantized" in values:  # quantize_dynamic: int8 [in, out], per-column scale and zero point
+        if w + "_quantized" in values:  # quantize_dynamic: uint8 [in, out], per-column scale and zero point
             q = values[w + "_quantized"].astype(np.float32) - values[w + "_zero_point"].astype(np.float32)
             weights[layer.name] = (q * values[w + "_scale"]).T
         elif (packed := next((n for n in (w + "_Q4", w + "_Q8") if n in values), None)) is not None:  # MatMulNBits
