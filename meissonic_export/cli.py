@@ -8,11 +8,29 @@ import argparse
 import sys
 from pathlib import Path
 
-from runtimes.cli_common import ArgumentParser, HelpFormatter, UsageError, check_output_file, finite_float, names, parse_size, run_main, save_images
-from runtimes.limits import MAX_SEED, RuntimeInputError, check_int
+from runtimes.cli_common import (
+    ArgumentParser,
+    HelpFormatter,
+    UsageError,
+    check_output_file,
+    finite_float,
+    names,
+    parse_size,
+    run_main,
+    save_images,
+)
+from runtimes.limits import check_int
 
 from .options import (
-    DTYPES, GRAPH_NAMES, PRESET_NAMES, QUANTIZE, TARGETS, ExportError, ExportOptions, check_options, check_output_folder,
+    DTYPES,
+    GRAPH_NAMES,
+    PRESET_NAMES,
+    QUANTIZE,
+    TARGETS,
+    ExportError,
+    ExportOptions,
+    check_options,
+    check_output_folder,
 )  # fmt: skip
 
 NEURAL_ENGINE_BYTES = 1e9  # packages larger than this load slowly or not at all on the Neural Engine (Apple's SD tooling splits at it)
@@ -170,7 +188,7 @@ def _bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="meissonic-export", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add = lambda name, **kwargs: commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)  # noqa: E731
+    add = lambda name, **kwargs: commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
     make = add(
         "make-checkpoint",

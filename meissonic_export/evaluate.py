@@ -85,7 +85,8 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
-def evaluate_bundle(bundle: Path, options: EvaluateOptions = EvaluateOptions()) -> dict:
+def evaluate_bundle(bundle: Path, options: EvaluateOptions | None = None) -> dict:
+    options = options or EvaluateOptions()
     pairs = shapes.evaluation_set(options.count, options.held_out_seeds)
     rows, defaults = _generators(Path(bundle), options)
     baseline_name = next((name for name, _ in rows if name.startswith("onnx")), rows[0][0])
@@ -147,9 +148,11 @@ def format_table(report: dict) -> str:
         return "—" if value is None else f"{100 * value:.1f}"
 
     lines = [
-        f"{report['pairs'] - report['held_out_pairs']} prompt-seed pairs + {report['held_out_pairs']} held out; "
-        f"{report['defaults']['steps']} steps, guidance {report['defaults']['guidance_scale']}, temperature {report['defaults']['temperature']}; "
-        f"agreement and PSNR against {report['baseline']}",
+        (
+            f"{report['pairs'] - report['held_out_pairs']} prompt-seed pairs + {report['held_out_pairs']} held out; "
+            f"{report['defaults']['steps']} steps, guidance {report['defaults']['guidance_scale']}, temperature {report['defaults']['temperature']}; "
+            f"agreement and PSNR against {report['baseline']}"
+        ),
         f"| {'row':<14} | prompt % | held-out % | background % | color % | shape % | tokens agree % | median PSNR dB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

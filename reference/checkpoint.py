@@ -98,6 +98,8 @@ def _check_folder(folder: Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no model_index.json)")
     return folder
 
 

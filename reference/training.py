@@ -244,10 +244,20 @@ def plot_history(histories: dict[str, dict[str, list[float]]], path: Path) -> No
 
 def train_shapes(out: Path, config: TrainConfig = TrainConfig(), progress: bool = True, overwrite: bool = False) -> dict:
     """Train the three models and write a checkpoint folder at `out` (atomically, through presets'
-    writer), with `training/` beside the weights: the config, the measured times and the loss curves."""
-    torch.manual_seed(config.seed)
+    writer), with `training/` beside the weights: the config, the measured times and the loss curves.
+    torch's thread count and denormal mode are set for the run and restored after it."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)  # denormals slow CPU training by orders of magnitude when a loss collapses
+    try:
+        return _train(out, config, progress, overwrite)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+def _train(out: Path, config: TrainConfig, progress: bool, overwrite: bool) -> dict:
+    torch.manual_seed(config.seed)
     preset = PRESETS["shapes"]
     times, started = {}, time.perf_counter()
     vq = VQModel(preset.vqvae).to(config.device)

@@ -11,7 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_common import ArgumentParser, HelpFormatter, UsageError, check_output_file, finite_float, parse_size, run_main, save_images
+from .cli_common import (
+    ArgumentParser,
+    HelpFormatter,
+    UsageError,
+    check_output_file,
+    finite_float,
+    parse_size,
+    run_main,
+    save_images,
+)
 from .limits import MAX_SEED, check_int
 
 

@@ -192,3 +192,69 @@ def test_missing_checkpoint_and_existing_bundle(tmp_path, tiny_bundle, golden_ch
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+
+
+def _vq_checkpoint(folder, vq_config):
+    """A random checkpoint: the tiny preset's transformer and text encoder with this VQ-VAE."""
+    import dataclasses
+
+    from reference.presets import PRESETS, build_random, write_checkpoint_folder
+
+    preset = dataclasses.replace(PRESETS["tiny"], vqvae=vq_config)
+    return write_checkpoint_folder(build_random(preset, seed=1), folder, preset.pad_token)
+
+
+def _random_vq_configs(count: int, seed: int):
+    """A seeded sweep over what a VQ-VAE config may vary: depth (3-5 levels), widths, resnets per block,
+    group counts (1 to one channel per group), latent width and codebook size."""
+    from reference.vqvae import VQConfig
+
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        groups = int(rng.choice([1, 2, 4, 8]))
+        levels = int(rng.integers(3, 6))
+        widths = sorted(int(w) for w in rng.choice([8, 16, 24, 32, 48], size=levels))
+        widths = [max(w, groups) // groups * groups for w in widths]
+        yield VQConfig(
+            block_out_channels=widths, layers_per_block=int(rng.integers(1, 3)), latent_channels=int(rng.choice([4, 8, 16])),
+            num_vq_embeddings=int(rng.integers(16, 257)), norm_num_groups=groups,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_float32_export_accepts_any_valid_vq_configuration(index, tmp_path):
+    """No valid configuration is refused for float32 rounding: seeded random VQ-VAEs, square and
+    non-square sizes, exported and validated (decoder and encoder)."""
+    config = list(_random_vq_configs(4, seed=7))[index]
+    checkpoint = _vq_checkpoint(tmp_path / "ck", config)
+    step = 2 * config.scale_factor
+    sizes = ((8 * step, 8 * step), (6 * step, 4 * step))
+    manifest = export_bundle(checkpoint, tmp_path / "b", ExportOptions(resolutions=sizes, graphs=("vq_decoder", "vq_encoder"), progress=False))
+    assert {g["name"] for g in manifest["graphs"]} == {"vq_decoder", "vq_encoder"}
+
+
+def test_deep_narrow_vq_at_1024_px_is_not_refused(tmp_path):
+    """The configuration the issue found refused: layers_per_block 2, [16, 32, 32, 32, 48], 8 latent
+    channels, 100 codes, 8 groups, 1024 px (float32 error 1.13e-4 against the old fixed 1e-4)."""
+    from reference.vqvae import VQConfig
+
+    config = VQConfig(block_out_channels=[16, 32, 32, 32, 48], layers_per_block=2, latent_channels=8, num_vq_embeddings=100, norm_num_groups=8)
+    checkpoint = _vq_checkpoint(tmp_path / "ck", config)
+    manifest = export_bundle(checkpoint, tmp_path / "b", ExportOptions(resolutions=((1024, 1024),), graphs=("vq_decoder",), progress=False))
+    figures = manifest["graphs"][0]["parity"][0]["outputs"]["image"]
+    assert figures["max_abs"] <= figures.get("image_bound", 1e-4)
+
+
+def test_a_wrong_op_still_fails_the_float32_image_bound(golden_components, info):
+    """The bound that follows from float32 rounding stays far below what a wrong op costs: an image
+    off by 1e-2 (a mis-converted op errs by more) fails although its PSNR is 40 dB."""
+    from meissonic_export.validate import BUDGETS, validate
+
+    spec = GRAPHS["vq_decoder"]
+    module = spec.build(golden_components)
+    inputs = spec.sample(info, {"batch": 1, "height": 8, "width": 8}, np.random.default_rng(0))
+    expected = reference_outputs(spec, module, inputs)
+    wrong = lambda feeds: {"image": expected["image"] + 1e-2}
+    report = validate(spec, module, wrong, inputs, BUDGETS["fp32"], expected)
+    assert any("max abs error" in failure for failure in report["failures"]), report
+    assert report["outputs"]["image"]["image_bound"] < 1e-3

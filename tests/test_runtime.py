@@ -139,7 +139,7 @@ def test_runtime_needs_no_torch(tiny_bundle, tmp_path):
 
 
 def _generate(*args):
-    run = subprocess.run([sys.executable, "-m", "runtimes.cli", *map(str, args), "--no-progress"], capture_output=True, text=True, check=False, timeout=timeout)
+    run = subprocess.run([sys.executable, "-m", "runtimes.cli", *map(str, args), "--no-progress"], capture_output=True, text=True, check=False)
     return run.returncode, run.stderr.strip().splitlines()
 
 

@@ -30,6 +30,7 @@ def checkpoint_1b(tmp_path_factory) -> Path:
 
 def _run_export(checkpoint: Path, out: Path, *arguments: str) -> dict:
     """Export in a child process, so its time and peak memory can be read; returns the manifest."""
+    started = time.time()
     run = subprocess.run([sys.executable, "-m", "meissonic_export.cli", "export", str(checkpoint), "--out", str(out), *arguments], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())

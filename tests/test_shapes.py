@@ -1,0 +1,203 @@
+"""The shapes demo model: its world, its analyzer, its training, and what the shipped checkpoint draws
+through the reference and the torch-free runtime.
+
+The default run uses the shipped checkpoint (it trains nothing but a few steps of the determinism
+check) and a small evaluation subset; `pytest -m slow tests/test_shapes.py` runs the full evaluation
+of every ONNX and Core ML variant.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reference import shapes
+from reference.presets import OWNER_MARKER, PRESETS, TRAINED, write_checkpoint
+from reference.training import SHAPES_GENERATION, TrainConfig, train_shapes
+
+SHIPPED = TRAINED["shapes"]
+
+
+def test_the_world_is_as_specified():
+    assert len(shapes.ALL_SCENES) == 8 * 7 * 3
+    assert len(shapes.HELD_OUT) >= 20 and not set(shapes.HELD_OUT) & set(shapes.TRAINING_SCENES)
+    scenes, images = shapes.dataset(64, seed=5)
+    assert images.shape == (64, 256, 256, 3) and images.dtype == np.uint8
+    for scene, image in zip(scenes, images, strict=True):
+        colors = {tuple(c) for c in image.reshape(-1, 3)}
+        assert colors <= {shapes.COLORS[scene.color], shapes.COLORS[scene.background]}  # exact sRGB, no anti-aliasing
+        assert scene.color != scene.background
+        rows, cols = np.nonzero((image != shapes.COLORS[scene.background]).any(-1))
+        side = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+        assert 0.35 * 256 - 1 <= side <= 0.70 * 256 + 1
+    again = shapes.dataset(64, seed=5)[1]
+    assert np.array_equal(images, again)  # deterministic from the seed
+
+
+def test_analyzer_reads_the_data_set_back():
+    """The issue's bound: right on at least 99.5% of the data set's own images (all 168 combinations)."""
+    scenes, images = shapes.dataset(600, seed=11, scenes=shapes.ALL_SCENES)
+    right = sum(shapes.analyze(image).scene() == scene for scene, image in zip(scenes, images, strict=True))
+    assert right / len(scenes) >= 0.995, right
+
+
+def test_analyzer_says_so_when_there_is_no_shape():
+    reading = shapes.analyze(np.full((256, 256, 3), shapes.COLORS["blue"], np.uint8))
+    assert reading.background == "blue" and reading.scene() is None
+
+
+def test_evaluation_set_is_fixed_and_reports_held_out_apart():
+    pairs = shapes.evaluation_set()
+    assert pairs == shapes.evaluation_set()
+    assert sum(not p.held_out for p in pairs) == 200 and sum(p.held_out for p in pairs) == 2 * len(shapes.HELD_OUT)
+    assert all((p.scene in shapes.HELD_OUT) == p.held_out for p in pairs)
+
+
+def test_training_is_deterministic_from_the_seed(tmp_path):
+    config = TrainConfig(vq_steps=3, vq_crop=64, images=16, steps=3, batch=4, code_restart_every=2)
+    for name in ("a", "b"):
+        train_shapes(tmp_path / name, config, progress=False)
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "vqvae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes(), part
+    report = json.loads((tmp_path / "a" / "training" / "report.json").read_text())
+    assert report["config"]["steps"] == 3 and (tmp_path / "a" / "training" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shipped_checkpoint_loads_strictly_and_make_checkpoint_writes_it(tmp_path):
+    from reference.pipeline import MeissonicPipeline
+
+    out = write_checkpoint("shapes", tmp_path / "shapes")
+    assert (out / OWNER_MARKER).is_file()
+    for path in SHIPPED.rglob("*"):
+        if path.is_file() and path.name != "__init__.py":
+            assert (out / path.relative_to(SHIPPED)).read_bytes() == path.read_bytes()
+    pipe = MeissonicPipeline.from_pretrained(out)
+    assert pipe.transformer.config == PRESETS["shapes"].transformer
+    assert json.loads((out / "generation_config.json").read_text()) == SHAPES_GENERATION
+
+
+@pytest.fixture(scope="module")
+def shapes_bundle(tmp_path_factory):
+    from meissonic_export.export import export_bundle
+    from meissonic_export.options import ExportOptions
+
+    out = tmp_path_factory.mktemp("shapes") / "bundle"
+    export_bundle(SHIPPED, out, ExportOptions(progress=False))
+    return out
+
+
+def test_bundle_carries_the_model_card_settings(shapes_bundle):
+    from runtimes.pipeline import MeissonicRuntime
+
+    runtime = MeissonicRuntime.from_bundle(shapes_bundle)
+    defaults = runtime.manifest.model["defaults"]
+    assert {k: defaults[k] for k in ("steps", "guidance_scale", "temperature", "resolution")} == {
+        k: SHAPES_GENERATION[k] for k in ("steps", "guidance_scale", "temperature", "resolution")
+    }
+    assert runtime.default_size == tuple(SHAPES_GENERATION["resolution"])
+
+
+def test_a_small_evaluation_subset_draws_the_prompts(shapes_bundle, tmp_path):
+    """24 in-grammar and 8 held-out pairs through the reference and ONNX float32: the reference and the
+    runtime agree token for token, and the float32 bound of the full evaluation holds here too."""
+    from meissonic_export.evaluate import evaluate_bundle, write_report
+    from meissonic_export.options import EvaluateOptions
+
+    report = evaluate_bundle(shapes_bundle, EvaluateOptions(count=24, held_out_seeds=1, progress=False))
+    onnx, reference = report["rows"]["onnx fp32"], report["rows"]["pytorch"]
+    assert onnx["prompt_accuracy"] >= MIN_SUBSET_ACCURACY, onnx
+    assert reference["token_agreement"] >= 0.999 and reference["prompt_accuracy"] == onnx["prompt_accuracy"], reference
+    paths = write_report(report, tmp_path)
+    assert Image.open(paths[2]).size[0] > 256
+
+
+MIN_SUBSET_ACCURACY = 0.90  # the full set's floor is 95%; 24 pairs carry +-4 points of sampling error
+
+
+def _runtime_and_pipeline(shapes_bundle):
+    from reference.pipeline import MeissonicPipeline
+    from runtimes.pipeline import MeissonicRuntime
+
+    return MeissonicRuntime.from_bundle(shapes_bundle), MeissonicPipeline.from_pretrained(SHIPPED)
+
+
+def test_reference_and_runtime_give_identical_tokens_on_the_trained_model(shapes_bundle, tmp_path):
+    from reference.scheduler import UniformNoise
+
+    runtime, pipe = _runtime_and_pipeline(shapes_bundle)
+    d = SHAPES_GENERATION
+    common = {"guidance_scale": d["guidance_scale"], "temperature": tuple(d["temperature"])}
+    source = runtime.generate("a red circle on a blue background", seed=1, progress=False).images[0]
+    source.save(tmp_path / "source.png")
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (64, 64, 192, 192))
+    mask.save(tmp_path / "mask.png")
+    for extra in ({}, {"image": tmp_path / "source.png", "strength": 0.5}, {"image": tmp_path / "source.png", "mask": tmp_path / "mask.png"}):
+        for seed in (3, 4):
+            ours = runtime.generate("a green square on a white background", seed=seed, steps=d["steps"], progress=False, **common, **extra)
+            with torch.no_grad():
+                theirs = pipe("a green square on a white background", width=256, height=256, num_inference_steps=d["steps"],
+                              noise=UniformNoise.from_seed(seed), progress=False, **common, **extra)  # fmt: skip
+            assert np.array_equal(ours.tokens, theirs.tokens.numpy()), (extra.keys(), seed)
+
+
+def test_inpainting_repaints_the_shape_in_the_named_color(shapes_bundle, tmp_path):
+    """Mask the tokens under the shape, ask for another shape color: the analyzer reads the new color,
+    and every token outside the mask is unchanged."""
+    from runtimes.pipeline import MeissonicRuntime
+
+    runtime = MeissonicRuntime.from_bundle(shapes_bundle)
+    repainted = trials = 0
+    for seed, (color, new_color, shape, background) in enumerate(INPAINT_CASES):
+        source = runtime.generate(f"a {color} {shape} on a {background} background", seed=seed, progress=False)
+        image = source.images[0]
+        reading = shapes.analyze(image)
+        if reading.scene() != shapes.Scene(color, shape, background):
+            continue  # only repaint what was drawn right
+        pixels = np.asarray(image)
+        labels = shapes._nearest_color(pixels) == list(shapes.COLORS).index(color)
+        grid = labels.reshape(16, 16, 16, 16).any(axis=(1, 3))  # token cells touching the shape
+        mask = Image.fromarray(np.kron(grid, np.ones((16, 16), bool)).astype(np.uint8) * 255)
+        image.save(tmp_path / "src.png")
+        mask.save(tmp_path / "mask.png")
+        out = runtime.generate(f"a {new_color} {shape} on a {background} background", image=tmp_path / "src.png", mask=tmp_path / "mask.png", seed=seed, progress=False)
+        encoded = runtime.sampler.backend.graph("vq_encoder")({"image": (pixels.astype(np.float32) / 255).transpose(2, 0, 1)[None]})["tokens"][0]
+        assert np.array_equal(out.tokens[0][~grid], encoded[~grid])  # outside the mask: untouched
+        trials += 1
+        repainted += shapes.analyze(out.images[0]).color == new_color
+    assert trials >= 6 and repainted / trials >= MIN_REPAINT_RATE, (repainted, trials)
+
+
+INPAINT_CASES = [
+    ("red", "blue", "circle", "white"), ("green", "yellow", "square", "black"), ("blue", "red", "triangle", "yellow"),
+    ("yellow", "purple", "circle", "blue"), ("orange", "green", "square", "purple"), ("white", "orange", "circle", "red"),
+    ("black", "white", "triangle", "green"), ("purple", "black", "square", "white"),
+]  # fmt: skip
+MIN_REPAINT_RATE = 0.75
+
+
+@pytest.mark.slow
+def test_full_evaluation_of_every_variant(tmp_path):
+    """The issue's acceptance: ONNX float32 >= 95% prompt accuracy on the 200 pairs at the model card's
+    settings; every quantized ONNX and Core ML variant within 3 points of float32, or refused by the
+    export's gate. Writes the report under tmp_path (the README's table comes from such a run)."""
+    from meissonic_export.evaluate import MAX_ACCURACY_LOSS_POINTS, evaluate_bundle, format_table, write_report
+    from meissonic_export.export import export_bundle
+    from meissonic_export.options import EvaluateOptions, ExportOptions
+
+    bundle = tmp_path / "bundle"
+    export_bundle(SHIPPED, bundle, ExportOptions(targets=("onnx", "coreml"), quantize=("int8", "int4", "palette4", "palette6"), progress=False))
+    onnx = evaluate_bundle(bundle, EvaluateOptions(progress=False))
+    # Core ML runs through the numpy evaluator off macOS (~10 s an image): a 48-pair subset, against ONNX float32 on it
+    coreml = evaluate_bundle(bundle, EvaluateOptions(backend="coreml", count=48, held_out_seeds=0, reference=False, progress=False))
+    print(format_table(onnx), format_table(coreml), sep="\n\n")
+    write_report(onnx, tmp_path / "onnx")
+    write_report(coreml, tmp_path / "coreml")
+    assert onnx["rows"]["onnx fp32"]["prompt_accuracy"] >= 0.95
+    for report in (onnx, coreml):
+        base = report["rows"]["onnx fp32"]["prompt_accuracy"]
+        for name, figures in report["rows"].items():
+            assert 100 * (base - figures["prompt_accuracy"]) <= MAX_ACCURACY_LOSS_POINTS, (name, figures)
