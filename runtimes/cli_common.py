@@ -76,10 +76,10 @@ def numbered_paths(out: Path, count: int) -> list[Path]:
 
 def check_output_file(option: str, out: Path, suffix: str = ".png") -> None:
     """Refuse, before any work, an output path that cannot be written as a file."""
-    if out.suffix.lower() != suffix:
-        raise UsageError(f"{option}: {out} must end in {suffix}")
     if out.is_dir():
         raise UsageError(f"{option}: {out} is a folder; give a file name such as {out / ('image' + suffix)}")
+    if out.suffix.lower() != suffix:
+        raise UsageError(f"{option}: {out} must end in {suffix}")
     check_output_parent(option, out)
 
 
