@@ -151,5 +151,5 @@ def test_bad_requests_name_the_problem(tiny_bundle, coreml_bundle, golden_checkp
         MeissonicRuntime.from_bundle(coreml_bundle, backend="coreml", variant="fp32")
     with pytest.raises(ExportError, match="Core ML variants; add --targets coreml"):
         check_options(golden_checkpoint, tmp_path / "b", ExportOptions(quantize=("palette4",)))
-    with pytest.raises(ExportError, match="--chunks must be at least 1"):
+    with pytest.raises(ExportError, match="--chunks: must be at least 1"):
         check_options(golden_checkpoint, tmp_path / "b", ExportOptions(targets=("coreml",), chunks=0))
