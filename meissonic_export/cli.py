@@ -43,7 +43,7 @@ def _owned_checkpoint(folder: Path) -> bool:
 
 def _make_checkpoint(args) -> None:
     check_int("--seed", args.seed, 0, 2**32 - 1)
-    check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder")
+    check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder", option="OUT")
     from reference.presets import TRAINED, write_checkpoint
 
     out = write_checkpoint(args.preset, args.out, seed=args.seed, overwrite=args.overwrite)
@@ -54,7 +54,7 @@ def _make_checkpoint(args) -> None:
 def _train(args) -> None:
     check_int("--seed", args.seed, 0, 2**32 - 1)
     check_int("--threads", args.threads, 1, 256)
-    check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder")
+    check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder", option="OUT")
     from reference.training import TrainConfig, train_shapes
 
     config = TrainConfig(seed=args.seed, threads=args.threads)

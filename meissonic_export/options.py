@@ -104,7 +104,7 @@ def is_bundle_written_here(folder: Path) -> bool:
     return isinstance(manifest, dict) and "format_version" in manifest and "meissonic-export" in manifest.get("tool", {})
 
 
-def check_output_folder(out: Path, overwrite: bool, owned, what: str, sources: tuple[Path, ...] = ()) -> None:
+def check_output_folder(out: Path, overwrite: bool, owned, what: str, sources: tuple[Path, ...] = (), option: str = "--out") -> None:
     """An output folder may be created, or replaced with --overwrite only when `owned(out)` says this
     tool wrote it; it may never be or lie inside (or contain) a source folder."""
     out = Path(out)
@@ -112,18 +112,18 @@ def check_output_folder(out: Path, overwrite: bool, owned, what: str, sources: t
     for source in sources:
         source = Path(source).resolve()
         if resolved == source or source in resolved.parents or resolved in source.parents:
-            raise ExportError(f"--out: {out} overlaps the source {source}; choose a folder outside it")
+            raise ExportError(f"{option}: {out} overlaps the source {source}; choose a folder outside it")
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
-            raise ExportError(f"--out: {out} exists and is not a folder; not replacing it")
+            raise ExportError(f"{option}: {out} exists and is not a folder; not replacing it")
         if not overwrite:
-            raise ExportError(f"--out: {out} already exists (pass --overwrite to replace it)")
+            raise ExportError(f"{option}: {out} already exists (pass --overwrite to replace it)")
         if not owned(out):
-            raise ExportError(f"--out: {out} exists and is not a {what} written by meissonic-export; --overwrite replaces only those")
+            raise ExportError(f"{option}: {out} exists and is not a {what} written by meissonic-export; --overwrite replaces only those")
     for ancestor in [out.parent, *out.parent.parents]:
         if ancestor.exists():
             if not ancestor.is_dir():
-                raise ExportError(f"--out: {ancestor} is a file, so {out} cannot be created")
+                raise ExportError(f"{option}: {ancestor} is a file, so {out} cannot be created")
             break
 
 
