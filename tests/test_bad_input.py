@@ -225,7 +225,10 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path):
 def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(golden_checkpoint, tmp_path):
     out = tmp_path / "bundle"
     command = [sys.executable, "-m", "meissonic_export.cli", "export", str(golden_checkpoint), "--out", str(out), "--resolution", "128", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell running pytest in the background ignores SIGINT,
+    # the child would inherit that, and Python installs its KeyboardInterrupt handler only where SIGINT is not ignored.
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint)
     while not any(tmp_path.glob(".bundle.partial-*/onnx/fp32/*/model.onnx")) and process.poll() is None:
         os.sched_yield()
     assert process.poll() is None, "the export ended before it could be interrupted"
@@ -261,9 +264,9 @@ def _palette_image(color) -> Image.Image:
         ("P", lambda: _palette_image((10, 20, 30)), (10, 20, 30)),
         ("RGBA", lambda: Image.new("RGBA", (4, 4), (10, 20, 30, 0)), (10, 20, 30)),
         ("CMYK", lambda: Image.new("CMYK", (4, 4), (0, 255, 255, 0)), (255, 0, 0)),
-        ("I;16", lambda: Image.fromarray(np.full((4, 4), 40000, np.uint16), mode="I;16"), (156, 156, 156)),
-        ("I", lambda: Image.fromarray(np.full((4, 4), 40000, np.int32), mode="I"), (156, 156, 156)),
-        ("F", lambda: Image.fromarray(np.full((4, 4), 100.4, np.float32), mode="F"), (100, 100, 100)),
+        ("I;16", lambda: Image.fromarray(np.full((4, 4), 40000, np.uint16)), (156, 156, 156)),
+        ("I", lambda: Image.fromarray(np.full((4, 4), 40000, np.int32)), (156, 156, 156)),
+        ("F", lambda: Image.fromarray(np.full((4, 4), 100.4, np.float32)), (100, 100, 100)),
     ],
 )
 def test_every_image_mode_is_read_correctly(mode, make, expected, tmp_path):

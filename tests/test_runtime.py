@@ -180,8 +180,8 @@ def test_not_a_bundle(tmp_path):
     "arguments, expected",
     [
         (["--size", "768"], "size 768x768 is not supported by this bundle (exported and validated for 512x512, 192x128)"),
-        (["--steps", "0"], "steps must be at least 1"),
-        (["--guidance", "-1"], "guidance scale must be >= 0"),
+        (["--steps", "0"], "--steps: must be in [1, 1000] (got 0)"),
+        (["--guidance", "-1"], "--guidance: must be in [0, 100] (got -1)"),
         (["--variant", "int3"], "variant 'int3' is not in this bundle's onnx graphs"),
         (["--size", "big"], "--size: cannot read 'big'"),
     ],
@@ -193,7 +193,7 @@ def test_bad_request(tiny_bundle, arguments, expected):
 def test_bad_images(tiny_bundle, photo, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     _error([tiny_bundle, "a cat", "--size", "192x128", "--image", tmp_path / "broken.png"], "broken.png: unreadable image")
-    _error([tiny_bundle, "a cat", "--size", "192x128", "--image", tmp_path / "absent.png"], "absent.png: image file not found")
+    _error([tiny_bundle, "a cat", "--size", "192x128", "--image", tmp_path / "absent.png"], "absent.png not found")
     Image.new("L", (64, 64), 255).save(tmp_path / "small-mask.png")
     _error([tiny_bundle, "a cat", "--size", "192x128", "--image", photo, "--mask", tmp_path / "small-mask.png"], "mask is 64x64 but the image is 192x128")
 
