@@ -155,7 +155,7 @@ def _print_summary(manifest: dict, out: Path) -> None:
 
 
 def _sensitivity(args) -> None:
-    from quantize.sensitivity import analyse, format_table, write_report
+    from meissonic_export.sensitivity import analyse, format_table, write_report
     from reference.checkpoint import load_component
 
     bits = tuple(int(b) for b in names(args.bits))

@@ -22,14 +22,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from quantize.graph_files import onnx_files
+from quantize.onnx_quant import dequantized_weights, quantize_graph
+from quantize.recipe import Recipe, RecipeError, quantizable_layers
+from quantize.report import sampling_quality
 from reference.checkpoint import COMPONENTS, load_component, read_config
 from reference.pipeline import load_scheduler, load_tokenizer
-from runtimes.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from runtimes.bundle import FORMAT_VERSION, MANIFEST, GraphEntry, sha256_file
+from runtimes.coreml_backend import CoreMLGraph
 from runtimes.onnx_backend import OnnxGraph
 
+from .evaluate import MAX_ACCURACY_LOSS_POINTS, accuracy_gate, evaluate_bundle
 from .graphs import GRAPHS, GraphSpec, ModelInfo
+from .onnx_export import OPSET, export_onnx, trace_inputs
 from .options import (
     COREML_GRAPHS,
+    EvaluateOptions,
     ExportError,
     ExportOptions,
     check_options,
@@ -37,7 +45,7 @@ from .options import (
     default_resolutions,
     read_generation_config,
 )
-from .validate import BUDGETS, reference_outputs, validate
+from .validate import BUDGETS, reference_outputs, sqnr_db, validate
 
 
 @dataclass
@@ -77,8 +85,6 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
             bar.update()
         manifest = _manifest(checkpoint, components, tokenizer, scheduler, info, options, entries, staging)
         if recipes:
-            from quantize.report import sampling_quality
-
             bar.set_description("quality runs")
             manifest["quality"] = sampling_quality(staging, manifest, options.quality_steps)
             if manifest["model"]["defaults"].get("evaluation") == "shapes":
@@ -93,9 +99,6 @@ def _accuracy_gate(staging: Path, manifest: dict, options: ExportOptions) -> dic
     """For a model trained on the shapes world: each quantized variant's prompt accuracy on an
     evaluation subset against its target's base precision; a variant that loses more than
     MAX_ACCURACY_LOSS_POINTS stops the export with the figures (the manifest records them otherwise)."""
-    from .evaluate import MAX_ACCURACY_LOSS_POINTS, accuracy_gate, evaluate_bundle
-    from .options import EvaluateOptions
-
     (staging / MANIFEST).write_text(json.dumps(manifest))  # the runtime reads the staged bundle; rewritten at the end
     report = {"pairs": EXPORT_EVALUATION_PAIRS, "max_loss_points": MAX_ACCURACY_LOSS_POINTS}
     for target in manifest["base_variants"]:
@@ -149,8 +152,6 @@ def run_validation(spec: GraphSpec, module, run, cases: list[ValidationCase], va
 def _checked_recipes(checkpoint: Path, options: ExportOptions) -> dict:
     """Load the recipes and check them against the checkpoint's layers (from its configs, on the meta
     device), so a wrong recipe or block size fails before any export work."""
-    from quantize.recipe import RecipeError, quantizable_layers
-
     try:
         recipes = options.load_recipes()
         if not recipes:
@@ -170,11 +171,6 @@ def _checked_recipes(checkpoint: Path, options: ExportOptions) -> dict:
 
 def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
     """Export the float32 graph once, then derive, validate and describe every variant of it."""
-    from quantize.onnx_quant import dequantized_weights, quantize_graph
-    from quantize.recipe import Recipe, quantizable_layers
-
-    from .onnx_export import OPSET, export_onnx, onnx_files, trace_inputs
-
     bar.set_postfix_str("exporting")
     fp32_dir = staging / "onnx" / "fp32" / spec.name
     fp32_path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), fp32_dir, spec.shapes(info))
@@ -216,8 +212,6 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging:
 def _quantization_report(recipe, bits: dict[str, int], computed: dict, weights: torch.nn.Module, folded: list[str]) -> dict:
     """The recipe, the bits of every weight in the graph, and each compressed weight's SQNR against the
     float one (`computed`: layer -> the weight the exported graph computes with)."""
-    from .validate import sqnr_db
-
     errors, signal, noise = {}, 0.0, 0.0
     for name, array in computed.items():
         if bits.get(name, 32) == 32:
@@ -243,10 +237,8 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
     Variants that share a deployment target share one conversion. Packages are converted, compressed
     and saved one at a time, and validated from disk afterwards: the 1B step held in memory whole, in
     two targets and compressed, came within 1 GB of this machine's 24 GB."""
+    # coremltools is imported here, not at the top: it takes seconds to load and ONNX-only exports never need it
     from quantize.coreml_quant import MINIMUM_TARGET, compress, compressed_weights, recipe_for, weight_constants
-    from quantize.recipe import quantizable_layers
-    from runtimes.bundle import GraphEntry
-    from runtimes.coreml_backend import CoreMLGraph
 
     from .coreml_convert import FP32_REGIONS, save_mlpackage
 
@@ -306,7 +298,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
 
 def _convert_coreml(spec: GraphSpec, module, example: dict, chunks: int, target: str):
     """Yields (file name suffix, input names, output names, MLModel, the torch module converted) per package."""
-    from .coreml_convert import convert_denoise_chunks, convert_graph
+    from .coreml_convert import convert_denoise_chunks, convert_graph  # coremltools: see _export_coreml_graph
 
     if spec.name == "denoise_step" and chunks > 1:
         for i, (chunk, model) in enumerate(convert_denoise_chunks(spec, module, example, chunks, "fp16", target)):

@@ -18,11 +18,12 @@ import onnx
 import torch
 from torch.export import Dim
 
+from quantize import graph_files
+from runtimes.quiet import quiet
+
 from .graphs import GraphSpec
-from .quiet import quiet
 
 OPSET = 18
-EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a model at 2 GB; keep weights beside the graph well before that
 MAX_GRID_HALF = 128  # token grids up to 256 x 256 (4096 px)
 
 
@@ -83,7 +84,7 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    program.save(str(path), external_data=weight_bytes > graph_files.EXTERNAL_DATA_BYTES)
     del program
     _name_dims(path, shapes)
     onnx.checker.check_model(str(path), full_check=True)
@@ -104,16 +105,3 @@ def _name_dims(path: Path, shapes: dict) -> None:
             elif d.dim_value != expr:
                 raise AssertionError(f"{path}: {value.name} has dim {d.dim_value or d.dim_param}, the spec says {expr}")
     onnx.save(model, str(path))
-
-
-def onnx_files(path: Path) -> list[Path]:
-    """The model file and any external-data files it references."""
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in model.graph.initializer
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return [path, *(path.parent / location for location in sorted(locations))]

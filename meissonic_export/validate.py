@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from quantize.metrics import psnr_db, sqnr_db
+
 from .graphs import GraphSpec
 
 
@@ -65,17 +67,6 @@ BUDGETS = {
     "palette4": Budget(min_sqnr_db=24.0),
     "palette6": Budget(min_sqnr_db=24.0),
 }
-
-
-def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    reference, error = reference.astype(np.float64), actual.astype(np.float64) - reference
-    noise = float(np.mean(error**2))
-    return math.inf if noise == 0 else 10 * math.log10(float(np.mean(reference**2)) / noise)
-
-
-def psnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    mse = float(np.mean((actual.astype(np.float64) - reference) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def _finite(x: float) -> float | str:

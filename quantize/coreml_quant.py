@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from meissonic_export.quiet import quiet
+from runtimes.quiet import quiet
 
 from .recipe import Recipe
 
@@ -55,7 +55,7 @@ def _layer(name: str, constants: dict[str, str]) -> str | None:
 
 def compressed_weights(path, constants: dict[str, str]) -> dict[str, np.ndarray]:
     """layer -> the float32 weight a saved package computes with (compressed weights materialised)."""
-    from meissonic_export.coreml_eval import CoreMLProgram
+    from runtimes.coreml_eval import CoreMLProgram
 
     found = {}
     for name, value in CoreMLProgram(path).constants().items():

@@ -23,6 +23,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from runtimes.quiet import quiet
+
+from . import graph_files
+
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
 # The input index that holds the weight, per op type.
 WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
@@ -145,10 +149,7 @@ def quantize_graph(fp32_path: Path, out_dir: Path, prefix: str, plan: dict[str, 
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from meissonic_export.onnx_export import EXTERNAL_DATA_BYTES, onnx_files
-    from meissonic_export.quiet import quiet
-
-    large = sum(f.stat().st_size for f in onnx_files(fp32_path)) > EXTERNAL_DATA_BYTES
+    large = sum(f.stat().st_size for f in graph_files.onnx_files(fp32_path)) > graph_files.EXTERNAL_DATA_BYTES
     model = gemm_to_matmul(onnx.load(str(fp32_path)))
     graph_layers = layers(model, prefix)
     unknown = sorted({layer.name for layer in graph_layers} - set(plan))
@@ -192,10 +193,10 @@ def quantize_graph(fp32_path: Path, out_dir: Path, prefix: str, plan: dict[str, 
         _drop_unused_initializers(model)
         # onnx appends external data to an existing file: quantize_dynamic's own model.onnx.data would
         # stay in front of ours (the 1B int4 graph measured 1.16 GB instead of 0.58). The model is in memory.
-        for stale in onnx_files(out) if out.exists() else []:
+        for stale in graph_files.onnx_files(out) if out.exists() else []:
             stale.unlink()
         onnx.save(model, str(out), save_as_external_data=large, location="model.onnx.data")
-    for path in onnx_files(out):
+    for path in graph_files.onnx_files(out):
         path.chmod(0o644)  # onnx writes external data owner-only (0600): a shipped bundle must be readable
     onnx.checker.check_model(str(out), full_check=True)
     return out, graph_layers

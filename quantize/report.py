@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from meissonic_export.validate import psnr_db
 from runtimes.bundle import Manifest
 from runtimes.coreml_backend import CoreMLBackend
 from runtimes.onnx_backend import OnnxBackend
 from runtimes.sampler import ModelFacts, Request, Sampler
 from runtimes.tokenizer import CLIPTokenizer
+
+from .metrics import psnr_db
 
 PROMPT = "a photo of a cat wearing a hat"
 SEED = 0

@@ -1,6 +1,6 @@
 """Core ML conversion, checked by running the saved packages.
 
-On Linux the packages run in the numpy evaluator (meissonic_export/coreml_eval.py); on macOS the same
+On Linux the packages run in the numpy evaluator (runtimes/coreml_eval.py); on macOS the same
 assertions also run against Core ML itself (`MLModel.predict`). Token grids 8x8 and 8x12 (128x128 and
 128x192 px) on the tiny golden model.
 
@@ -39,11 +39,11 @@ from meissonic_export.coreml_convert import (
     split_denoise_step,
     torch_runner,
 )
-from meissonic_export.coreml_eval import CoreMLProgram, UnsupportedOpError
 from meissonic_export.graphs import GRAPHS, GraphSpec, ModelInfo, TensorSpec
 from meissonic_export.validate import Budget, reference_outputs, sqnr_db, validate
 from reference.transformer import position_ids, rotary_tables
 from runtimes.coreml_backend import run_chunks
+from runtimes.coreml_eval import CoreMLProgram, UnsupportedOpError
 
 GRIDS = ((8, 8), (8, 12))  # (height, width) in tokens
 ONE_GRID = (8, 12)  # where one grid is enough: the non-square one

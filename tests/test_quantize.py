@@ -12,10 +12,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from meissonic_export.graphs import GRAPHS
+from meissonic_export.sensitivity import analyse, write_report
 from meissonic_export.validate import BUDGETS, failures_of, reference_outputs, sqnr_db, validate
 from quantize.onnx_quant import Layer, dequantized_weights, quantize_graph
 from quantize.recipe import Recipe
-from quantize.sensitivity import analyse, write_report
 from runtimes.onnx_backend import OnnxGraph
 from runtimes.pipeline import MeissonicRuntime
 
@@ -120,9 +120,10 @@ def test_external_data_holds_each_weight_once(variant, golden_components, info, 
     Every byte of it must be referenced once (onnx appends to an existing file: a re-save doubled the
     1B int4 graph to 1.16 GB), the file readable by others, and the graph still right."""
     from meissonic_export import onnx_export
+    from quantize import graph_files
     from quantize.recipe import quantizable_layers
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # the tiny graph takes the 1B path
+    monkeypatch.setattr(graph_files, "EXTERNAL_DATA_BYTES", 0)  # the tiny graph takes the 1B path
     spec = GRAPHS["denoise_step"]
     module = spec.build(golden_components)
     fp32 = onnx_export.export_onnx(spec, module, onnx_export.trace_inputs(spec, info, np.random.default_rng(0)), tmp_path / "fp32", spec.shapes(info))

@@ -60,11 +60,13 @@ def _load_program(path: Path):
     return spec, load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
 
 
-def _is_constant(op) -> bool:
+def is_constant(op) -> bool:
+    """A stored value: `const`, or a `constexpr_*` op that decompresses stored weights."""
     return op.op_type == "const" or op.op_type.startswith("constexpr_")
 
 
-def _input_vars(op) -> list[Var]:
+def input_vars(op) -> list[Var]:
+    """The variables an op reads, list inputs (concat, ...) flattened."""
     found = []
     for value in op.inputs.values():
         found.extend(value if isinstance(value, (list, tuple)) else [value])
@@ -108,7 +110,7 @@ class CoreMLProgram:
         self.output_names = [var.name for var in self.function.outputs]
         # Weights, materialized once and kept as stored (float16 stays float16 until used).
         self._constants: dict[str, object] = {}
-        self._run([op for op in self.operations if _is_constant(op)], self._constants)
+        self._run([op for op in self.operations if is_constant(op)], self._constants)
 
     def constants(self) -> dict[str, np.ndarray]:
         """Every constant by name, compressed weights (constexpr ops) materialised, as float32."""
@@ -126,7 +128,7 @@ class CoreMLProgram:
             {
                 op.op_type
                 for op in self.operations
-                if not _is_constant(op) and op.op_type not in KERNELS and type(op).value_inference is Operation.value_inference
+                if not is_constant(op) and op.op_type not in KERNELS and type(op).value_inference is Operation.value_inference
             }
         )
 
@@ -147,17 +149,17 @@ class CoreMLProgram:
         unknown = set(inputs) - set(self.inputs)
         if unknown:
             raise ValueError(f"{self.path.name}: unknown input(s) {sorted(unknown)}; expected {list(self.inputs)}")
-        self._run([op for op in self.operations if not _is_constant(op)], values, keep)
+        self._run([op for op in self.operations if not is_constant(op)], values, keep)
         return values
 
     def _run(self, operations, values: dict, keep: bool = True) -> None:
         """Evaluate `operations` in order into `values`, binding each op's inputs to their values for the
         op's own evaluation (and restoring them after: the program stays as loaded). `keep=False` drops
         every intermediate after its last use: a 1B chunk kept whole holds ~5 GB of activations at 1024 px."""
-        last_use = {} if keep else {var.name: i for i, op in enumerate(operations) for var in _input_vars(op)}
+        last_use = {} if keep else {var.name: i for i, op in enumerate(operations) for var in input_vars(op)}
         kept = set(self.output_names) | set(self._constants)
         for i, op in enumerate(operations):
-            inputs = _input_vars(op) if op.op_type != "const" else []
+            inputs = input_vars(op) if op.op_type != "const" else []
             saved = [(var, var._sym_val, var._sym_type) for var in inputs]
             try:
                 for var in inputs:
@@ -189,7 +191,7 @@ class CoreMLProgram:
                 results = KERNELS[op.op_type](op, lambda key, default=None: _arg(op, key, default))
             elif op.op_type == "const":
                 results = op.outputs[0].val
-            elif _is_constant(op):
+            elif is_constant(op):
                 if not hasattr(op, "materialized_val_inference"):
                     raise UnsupportedOpError(f"cannot evaluate op type '{op.op_type}' (op '{op.name}'): no materialized_val_inference")
                 results = op.materialized_val_inference()
@@ -217,7 +219,7 @@ class CoreMLProgram:
         """Give a result its declared dtype (floats as float32) and check its declared shape."""
         if isinstance(result, str) or (not types.is_tensor(var.sym_type) and not types.is_scalar(var.sym_type)):
             return result
-        if _is_constant(op):  # stored weights stay compact; widened where used
+        if is_constant(op):  # stored weights stay compact; widened where used
             return result
         array = np.asarray(result, dtype=_nptype(var))
         if self.emulate_fp16 and var.dtype == types.fp16:

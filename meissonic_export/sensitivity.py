@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meissonic_export.graphs import GRAPHS, ModelInfo
-from meissonic_export.validate import sqnr_db
+from quantize.metrics import sqnr_db
+from quantize.recipe import QuantLayer, quantizable_layers
 
-from .recipe import QuantLayer, quantizable_layers
+from .graphs import GRAPHS, ModelInfo
 
 GROUPS = {
     "token embedding": ["embed.embeddings"],
