@@ -152,6 +152,7 @@ def run_bench(options: BenchOptions) -> Results:
 
     from .export import ExportOptions, export_bundle
 
+    threads = torch.get_num_threads()  # restored at the end: the benchmark may run inside another program (the tests)
     torch.set_num_threads(options.threads)
     scratch = Path(tempfile.mkdtemp(prefix="meissonic-bench-"))
     size = 16 * options.grid
@@ -228,6 +229,7 @@ def run_bench(options: BenchOptions) -> Results:
             results.one_b = _one_step_1b(min(options.scaling_grids), options, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        torch.set_num_threads(threads)
     return results
 
 

@@ -57,9 +57,10 @@ from torch import nn
 
 from reference.transformer import TEXT_POSITIONS, MeissonicTransformer
 from runtimes.coreml_backend import run_chunks
+from runtimes.coreml_eval import input_vars, is_constant
+from runtimes.quiet import quiet
 
 from .graphs import DenoiseStepGraph, GraphSpec, TensorSpec, draw, guided_probabilities
-from .quiet import quiet
 
 with quiet():  # coremltools logs on import that torch 2.13 is untested and, off macOS, that its native Core ML library is absent
     import coremltools as ct
@@ -238,12 +239,7 @@ def _converter_fixes():
 
 
 def _producers(op) -> list:
-    found = []
-    for value in op.inputs.values():
-        for var in value if isinstance(value, (list, tuple)) else [value]:
-            if var.op is not None:
-                found.append(var.op)
-    return found
+    return [var.op for var in input_vars(op) if var.op is not None]
 
 
 def _consumers(op) -> list:
@@ -261,14 +257,10 @@ def _closure(start, step, stop=frozenset()) -> list:
     return list(seen.values())
 
 
-def _is_const(op) -> bool:
-    return op.op_type == "const" or op.op_type.startswith("constexpr_")
-
-
 def _weight_bearing(op) -> bool:
     """An op applying a learned tensor: linear/conv/matmul/gather with a constant of rank >= 2."""
     return op.op_type in ("linear", "conv", "conv_transpose", "matmul", "gather") and any(
-        _is_const(p) and p.outputs[0].rank >= 2 for p in _producers(op)
+        is_constant(p) and p.outputs[0].rank >= 2 for p in _producers(op)
     )
 
 
@@ -279,14 +271,14 @@ def fp32_op_names(block, regions: Iterable[str] = FP32_REGIONS) -> set[str]:
     """Names of the ops of `block` that float16 conversion must leave in float32 (see module doc)."""
     regions, ops, keep = _checked_regions(regions), list(block.operations), set()
     if "angles" in regions:
-        keep |= {op.name for op in _closure([op for op in ops if op.op_type in ("sin", "cos")], _producers) if not _is_const(op)}
+        keep |= {op.name for op in _closure([op for op in ops if op.op_type in ("sin", "cos")], _producers) if not is_constant(op)}
     if "sampling" in regions:
         last = max((i for i, op in enumerate(ops) if _weight_bearing(op)), default=None)
         if last is not None:
             network = {op.name for op in _closure([ops[last]], _producers)}
             tail = _closure(_consumers(ops[last]), _consumers)
             side = _closure([p for op in tail for p in _producers(op)], _producers, stop=network)
-            keep |= {op.name for op in [*tail, *side] if not _is_const(op)}
+            keep |= {op.name for op in [*tail, *side] if not is_constant(op)}
     if "norm_statistics" in regions:
         for op in ops:
             if op.op_type not in ("reduce_mean", "reduce_sum"):

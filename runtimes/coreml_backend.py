@@ -4,7 +4,7 @@ Packages are static (one per resolution, one image: two conditioning rows), so e
 the package by the grid in its inputs and runs a batch one image at a time. A denoise step exported
 with `--chunks N` is N packages run in sequence. On macOS the packages run in Core ML
 (`MLModel.predict`); elsewhere in the numpy evaluator of their MIL programs
-(`meissonic_export.coreml_eval`, float32 arithmetic over the stored weights), slowly but faithfully.
+(`runtimes.coreml_eval`, float32 arithmetic over the stored weights), slowly but faithfully.
 """
 from __future__ import annotations
 
@@ -14,7 +14,20 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import BundleError, GraphEntry, verify_files
+from .limits import RuntimeInputError
+from .quiet import quiet
 from .sampler import Backend
+
+INSTALL_HINT = "pip install 'meissonic-export[coreml]'"
+
+
+def require_coremltools() -> None:
+    """Both Core ML and the evaluator need coremltools, which the runtime installs only with its `coreml` extra."""
+    try:
+        with quiet():  # it logs on import that torch 2.13 is untested and, off macOS, that its native library is absent
+            import coremltools  # noqa: F401
+    except ImportError:
+        raise RuntimeInputError(f"--backend coreml needs coremltools, which is not installed: {INSTALL_HINT}") from None
 
 
 def native_coreml() -> bool:
@@ -29,7 +42,7 @@ def load_package(path: Path):
 
         model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL)
         return lambda inputs: {k: np.asarray(v) for k, v in model.predict(inputs).items()}
-    from meissonic_export.coreml_eval import CoreMLProgram
+    from runtimes.coreml_eval import CoreMLProgram
 
     return CoreMLProgram(path)
 

@@ -34,10 +34,14 @@ class MeissonicRuntime:
         """`variant`: fp32, fp16, int8, int4 (default: the bundle's base precision). `verify`: check every
         file against the manifest's sha256 before use. `low_memory`: load each graph for its phase only
         (peak memory of the largest graph instead of all of them; reloads on every generation)."""
-        manifest = read_manifest(Path(bundle))
-        target = "coreml" if backend == "coreml" else "onnx"
         if backend not in BACKENDS:
             raise RuntimeInputError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")
+        if backend == "coreml":
+            from .coreml_backend import require_coremltools  # the module itself needs no coremltools to import
+
+            require_coremltools()
+        manifest = read_manifest(Path(bundle))
+        target = "coreml" if backend == "coreml" else "onnx"
         if target not in manifest.raw["base_variants"]:
             raise RuntimeInputError(f"this bundle has no {target} graphs (it has {sorted(manifest.raw['base_variants'])}); export with --targets {target}")
         variant = variant or manifest.base_variant(target)

@@ -69,6 +69,14 @@ def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_pipeline(golden_checkpoint):
+    """The PyTorch reference pipeline on the golden checkpoint."""
+    from reference.pipeline import MeissonicPipeline
+
+    return MeissonicPipeline.from_pretrained(golden_checkpoint)
+
+
+@pytest.fixture(scope="session")
 def golden_components(golden_checkpoint):
     from reference.checkpoint import COMPONENTS, load_component
 

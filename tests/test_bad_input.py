@@ -224,11 +224,11 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path):
 
 def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(golden_checkpoint, tmp_path):
     out = tmp_path / "bundle"
-    command = [sys.executable, "-m", "meissonic_export.cli", "export", str(golden_checkpoint), "--out", str(out), "--resolution", "128", "--no-progress"]
-    # SIGINT back to its default in the child: a shell running pytest in the background ignores SIGINT,
-    # the child would inherit that, and Python installs its KeyboardInterrupt handler only where SIGINT is not ignored.
-    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint)
+    # SIGINT back to Python's handler in the child: a shell that runs pytest in the background ignores SIGINT,
+    # children inherit that, and Python installs its KeyboardInterrupt handler only where SIGINT is not ignored.
+    launcher = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); runpy.run_module('meissonic_export.cli', run_name='__main__')"
+    command = [sys.executable, "-c", launcher, "export", str(golden_checkpoint), "--out", str(out), "--resolution", "128", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not any(tmp_path.glob(".bundle.partial-*/onnx/fp32/*/model.onnx")) and process.poll() is None:
         os.sched_yield()
     assert process.poll() is None, "the export ended before it could be interrupted"

@@ -7,24 +7,18 @@ trajectory identical (same torch generator consumed the same way); the pipeline 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from reference.pipeline import MeissonicPipeline, load_scheduler, load_tokenizer
+from reference.pipeline import load_scheduler, load_tokenizer
 from reference.scheduler import TorchNoise
 from reference.transformer import TEXT_POSITIONS, position_ids
 
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def pipe(golden_checkpoint):
-    return MeissonicPipeline.from_pretrained(golden_checkpoint)
-
-
-def test_transformer_logits(pipe, golden):
+def test_transformer_logits(golden_pipeline, golden):
     with torch.no_grad():
-        logits = pipe.transformer(
+        logits = golden_pipeline.transformer(
             golden["transformer.tokens"],
             golden["transformer.encoder_hidden_states"],
             golden["transformer.pooled_projections"],
@@ -35,29 +29,29 @@ def test_transformer_logits(pipe, golden):
     torch.testing.assert_close(logits, golden["transformer.logits"], atol=ATOL, rtol=0)
 
 
-def test_position_ids_match_the_official_ones(pipe, golden):
+def test_position_ids_match_the_official_ones(golden_pipeline, golden):
     height, width = golden["transformer.tokens"].shape[1:]
-    factor = 2 if pipe.transformer.config.downsample else 1
+    factor = 2 if golden_pipeline.transformer.config.downsample else 1
     ids = position_ids(height // factor, width // factor).float()
     torch.testing.assert_close(ids[:TEXT_POSITIONS], golden["transformer.txt_ids"], atol=0, rtol=0)
     torch.testing.assert_close(ids[TEXT_POSITIONS:], golden["transformer.img_ids"].reshape(-1, 3), atol=0, rtol=0)
 
 
-def test_vq_decode(pipe, golden):
+def test_vq_decode(golden_pipeline, golden):
     with torch.no_grad():
-        image = pipe.vqvae.decode(golden["vq.decode.tokens"])
+        image = golden_pipeline.vqvae.decode(golden["vq.decode.tokens"])
     torch.testing.assert_close(image, golden["vq.decode.image"], atol=ATOL, rtol=0)
 
 
-def test_vq_encode_ids_identical(pipe, golden):
+def test_vq_encode_ids_identical(golden_pipeline, golden):
     with torch.no_grad():
-        tokens = pipe.vqvae.encode(golden["vq.encode.pixels"])
+        tokens = golden_pipeline.vqvae.encode(golden["vq.encode.pixels"])
     assert torch.equal(tokens, golden["vq.encode.tokens"])
 
 
-def test_text_encoder(pipe, golden):
+def test_text_encoder(golden_pipeline, golden):
     with torch.no_grad():
-        text_embeds, hidden = pipe.text_encoder(golden["text.input_ids"])
+        text_embeds, hidden = golden_pipeline.text_encoder(golden["text.input_ids"])
     torch.testing.assert_close(text_embeds, golden["text.text_embeds"], atol=ATOL, rtol=0)
     torch.testing.assert_close(hidden, golden["text.penultimate_hidden_states"], atol=ATOL, rtol=0)
 
@@ -83,16 +77,16 @@ def test_scheduler_trajectory_identical(golden_checkpoint, golden):
         assert torch.equal(tokens, golden["scheduler.tokens_after_step"][step]), f"step {step} differs"
 
 
-def test_whole_pipeline_identical_tokens_and_image(pipe, golden, golden_meta):
+def test_whole_pipeline_identical_tokens_and_image(golden_pipeline, golden, golden_meta):
     prompt, negative = golden_meta["prompts"][0], golden_meta["prompts"][1]
-    assert torch.equal(pipe.tokenize([prompt]), golden["pipeline.prompt_input_ids"])
-    assert torch.equal(pipe.tokenize([negative]), golden["pipeline.negative_input_ids"])
+    assert torch.equal(golden_pipeline.tokenize([prompt]), golden["pipeline.prompt_input_ids"])
+    assert torch.equal(golden_pipeline.tokenize([negative]), golden["pipeline.negative_input_ids"])
     batch, height, width = golden["pipeline.tokens"].shape
-    result = pipe(
+    result = golden_pipeline(
         [prompt] * batch,
         negative_prompt=negative,
-        height=height * pipe.vae_scale_factor,
-        width=width * pipe.vae_scale_factor,
+        height=height * golden_pipeline.vae_scale_factor,
+        width=width * golden_pipeline.vae_scale_factor,
         num_inference_steps=int(golden["pipeline.steps"]),
         guidance_scale=float(golden["pipeline.guidance_scale"]),
         generator=torch.Generator().manual_seed(int(golden["pipeline.seed"])),

@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from reference.pipeline import MeissonicPipeline
 from reference.scheduler import UniformNoise, mask_ratio
 from runtimes.pipeline import MeissonicRuntime
 from runtimes.sampler import cosine_mask_ratio, linspace_float32
@@ -28,11 +27,6 @@ SIZE = (192, 128)  # non-square, one of the tiny bundle's resolutions
 @pytest.fixture(scope="module")
 def runtime(tiny_bundle):
     return MeissonicRuntime.from_bundle(tiny_bundle)
-
-
-@pytest.fixture(scope="module")
-def reference(golden_checkpoint):
-    return MeissonicPipeline.from_pretrained(golden_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -61,25 +55,25 @@ def _compare(runtime, reference, **kwargs):
     return ours
 
 
-def test_text_to_image_identical_to_reference(runtime, reference):
-    result = _compare(runtime, reference, prompt=["a photo of a cat", "a red bicycle"], negative_prompt="blurry", steps=10, num_images=2, seed=11)
+def test_text_to_image_identical_to_reference(runtime, golden_pipeline):
+    result = _compare(runtime, golden_pipeline, prompt=["a photo of a cat", "a red bicycle"], negative_prompt="blurry", steps=10, num_images=2, seed=11)
     assert result.tokens.shape == (4, 8, 12) and result.pixels.shape == (4, 3, 128, 192)
     assert len({r.tobytes() for r in result.tokens}) == 4  # every image differs
 
 
-def test_without_guidance_identical_to_reference(runtime, reference):
-    _compare(runtime, reference, prompt="a house", guidance_scale=1.0, steps=6, seed=2)
+def test_without_guidance_identical_to_reference(runtime, golden_pipeline):
+    _compare(runtime, golden_pipeline, prompt="a house", guidance_scale=1.0, steps=6, seed=2)
 
 
-def test_image_to_image_identical_to_reference(runtime, reference, photo):
-    _compare(runtime, reference, prompt="a painting", image=photo, strength=0.6, steps=10, seed=3)
+def test_image_to_image_identical_to_reference(runtime, golden_pipeline, photo):
+    _compare(runtime, golden_pipeline, prompt="a painting", image=photo, strength=0.6, steps=10, seed=3)
 
 
-def test_inpainting_identical_to_reference(runtime, reference, photo, tmp_path):
+def test_inpainting_identical_to_reference(runtime, golden_pipeline, photo, tmp_path):
     mask = Image.new("L", SIZE, 0)
     mask.paste(255, (48, 32, 144, 96))
     mask.save(tmp_path / "mask.png")
-    _compare(runtime, reference, prompt="a hat", image=photo, mask=tmp_path / "mask.png", steps=8, seed=4)
+    _compare(runtime, golden_pipeline, prompt="a hat", image=photo, mask=tmp_path / "mask.png", steps=8, seed=4)
 
 
 def test_low_memory_releases_each_graph_after_its_phase(tiny_bundle, runtime, photo):
@@ -133,6 +127,12 @@ def test_runtime_needs_no_torch(tiny_bundle, tmp_path):
     assert Image.open(out).size == SIZE
     check = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, check=False, env=env)
     assert check.returncode != 0 and "blocked" in check.stderr  # the blocker really was active
+    # the runtime installed without its `coreml` extra: --backend coreml says what to install, in one line
+    coreml = subprocess.run([sys.executable, "-m", "runtimes.cli", str(tiny_bundle), "a cat", "--backend", "coreml", "--out", str(out)],
+                            capture_output=True, text=True, check=False, env=env)  # fmt: skip
+    assert coreml.returncode == 2 and coreml.stderr.strip().splitlines() == [
+        "meissonic-generate: error: --backend coreml needs coremltools, which is not installed: pip install 'meissonic-export[coreml]'"
+    ], coreml.stderr
 
 
 # ---- bad input: one line naming the problem ----------------------------------------------------
