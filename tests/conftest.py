@@ -11,6 +11,13 @@ DATA = Path(__file__).parent / "data"
 GOLDEN = Path(os.environ.get("MEISSONIC_GOLDEN", DATA / "golden"))
 
 
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers share two cores: one torch thread each (and in the CLIs they start), not 2 x 2 threads
+        # contending; torch reads this when it is first imported, after this hook.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return GOLDEN
@@ -58,13 +65,22 @@ def check_whole_run_report(report: dict, base: str, variants) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
-    """The golden checkpoint exported once per test session: ONNX, every graph in float32, and the
-    quantized variants (int4 in blocks of 32: the tiny model is only 64 wide)."""
-    from meissonic_export.export import ExportOptions, export_bundle
+    """The golden checkpoint exported once per test run: ONNX, every graph in float32, and the
+    quantized variants (int4 in blocks of 32: the tiny model is only 64 wide). Test workers share one
+    copy, read-only: the first to need it exports it under a file lock, the others wait and reuse it
+    (the export writes its manifest last, atomically, so a manifest means a complete bundle)."""
+    from filelock import FileLock
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    options = ExportOptions(resolutions=EXPORT_RESOLUTIONS, quantize=QUANTIZED_VARIANTS, block_size=32, progress=False)
-    export_bundle(golden_checkpoint, out, options)
+    from meissonic_export.export import ExportOptions, export_bundle
+    from runtimes.bundle import MANIFEST
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above each worker's
+    out = shared / "tiny-bundle"
+    with FileLock(str(shared / "tiny-bundle.lock")):
+        if not (out / MANIFEST).is_file():
+            options = ExportOptions(resolutions=EXPORT_RESOLUTIONS, quantize=QUANTIZED_VARIANTS, block_size=32, progress=False)
+            export_bundle(golden_checkpoint, out, options)
     return out
 
 
