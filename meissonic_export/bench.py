@@ -264,7 +264,7 @@ def _one_step_1b(grid: int, options: BenchOptions, scratch: Path) -> dict:
     transformer = MeissonicTransformer(config).eval()
     spec = GRAPHS["denoise_step"]
     module = spec.build({"transformer": transformer})
-    info = ModelInfo(config.codebook_size, config.mask_token_id, config.joint_attention_dim, config.pooled_projection_dim, 16, 49408)
+    info = ModelInfo.from_transformer(config)
     inputs = _step_inputs(info, grid)
     timings = {"pytorch": _time_step(_torch_step(module), inputs, options)}
     path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), scratch / "1b" / "fp32", spec.shapes(info))

@@ -55,6 +55,12 @@ class ModelInfo:
         return {"J": self.joint_attention_dim, "P": self.pooled_projection_dim, "codebook": self.codebook_size, "F": self.vae_scale_factor}
 
     @classmethod
+    def from_transformer(cls, config) -> ModelInfo:
+        """For the transformer alone (the benchmark, the sensitivity tool): the released VQ-VAE's scale
+        factor and CLIP's vocabulary, which the transformer's graphs do not depend on."""
+        return cls(config.codebook_size, config.mask_token_id, config.joint_attention_dim, config.pooled_projection_dim, 16, 49408)
+
+    @classmethod
     def from_components(cls, components: dict[str, nn.Module]) -> ModelInfo:
         t = components["transformer"].config
         return cls(

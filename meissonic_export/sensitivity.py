@@ -88,8 +88,7 @@ def analyse(transformer, bits: tuple[int, ...] = (4, 8), block_size: int | None 
         raise ValueError(f"block size {block_size} does not divide the input width of {indivisible[:3]}")
 
     spec = GRAPHS["transformer"]
-    c = transformer.config
-    info = ModelInfo(c.codebook_size, c.mask_token_id, c.joint_attention_dim, c.pooled_projection_dim, 16, 49408)
+    info = ModelInfo.from_transformer(transformer.config)
     inputs = [torch.from_numpy(v) for v in spec.sample(info, {"batch": 2, "height": grid, "width": grid}, np.random.default_rng(seed)).values()]
     with torch.no_grad():
         reference = transformer(*inputs).numpy()

@@ -27,9 +27,12 @@ def sampling_quality(root, manifest: dict, steps: int) -> dict:
     if steps < 1:
         return {"skipped": "--quality-steps 0"}
     width, height = min(view.resolutions, key=lambda r: r[0] * r[1])
-    model = manifest["model"]
-    facts = ModelFacts(model["mask_token_id"], model["vae_scale_factor"], model["defaults"]["aesthetic_score"])
-    request = Request(prompts=[PROMPT], width=width, height=height, steps=steps, seed=SEED)
+    facts = ModelFacts.from_manifest(manifest["model"])
+    defaults = manifest["model"]["defaults"]  # the model's own guidance and temperature; the steps are the report's
+    request = Request(
+        prompts=[PROMPT], width=width, height=height, steps=steps, guidance_scale=defaults["guidance_scale"],
+        temperature=tuple(defaults["temperature"]), seed=SEED,
+    )  # fmt: skip
     tokenizer = CLIPTokenizer(root / "tokenizer")
     report = {"prompt": PROMPT, "seed": SEED, "steps": steps, "resolution": [width, height]}
     for target in manifest["base_variants"]:

@@ -22,9 +22,7 @@ BACKENDS = ("onnx", "coreml")
 class MeissonicRuntime:
     def __init__(self, manifest, backend, tokenizer, low_memory: bool = False):
         self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
-        model = manifest.model
-        facts = ModelFacts(model["mask_token_id"], model["vae_scale_factor"], model["defaults"]["aesthetic_score"])
-        self.sampler = Sampler(backend, tokenizer, facts, low_memory=low_memory)
+        self.sampler = Sampler(backend, tokenizer, ModelFacts.from_manifest(manifest.model), low_memory=low_memory)
 
     @classmethod
     def from_bundle(

@@ -56,18 +56,25 @@ class ModelFacts:
     vae_scale_factor: int = 16
     aesthetic_score: float = 6.0
 
+    @classmethod
+    def from_manifest(cls, model: dict) -> ModelFacts:
+        return cls(model["mask_token_id"], model["vae_scale_factor"], model["defaults"]["aesthetic_score"])
+
 
 @dataclass
 class Request:
+    """One generation. The sampling settings have no defaults here: they are the model's, and callers
+    take them from the bundle's manifest (`model.defaults`)."""
+
     prompts: list[str]
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    temperature: tuple[float, float]
     negative_prompt: str | None = None
-    width: int = 1024
-    height: int = 1024
-    steps: int = 48
-    guidance_scale: float = 9.0
     num_images: int = 1  # per prompt
     seed: int = 0
-    temperature: tuple[float, float] = (2.0, 0.0)
     crop: tuple[int, int] = (0, 0)
     image: object = None  # path or PIL image: image-to-image / inpainting input
     strength: float = 1.0
