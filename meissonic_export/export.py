@@ -26,6 +26,7 @@ from quantize.graph_files import onnx_files
 from quantize.onnx_quant import dequantized_weights, quantize_graph
 from quantize.recipe import Recipe, RecipeError, quantizable_layers
 from quantize.report import sampling_quality
+from quantize.variants import VARIANTS
 from reference.checkpoint import COMPONENTS, load_component, read_config
 from reference.pipeline import load_scheduler, load_tokenizer
 from runtimes.bundle import FORMAT_VERSION, MANIFEST, GraphEntry, sha256_file
@@ -238,14 +239,14 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
     and saved one at a time, and validated from disk afterwards: the 1B step held in memory whole, in
     two targets and compressed, came within 1 GB of this machine's 24 GB."""
     # coremltools is imported here, not at the top: it takes seconds to load and ONNX-only exports never need it
-    from quantize.coreml_quant import MINIMUM_TARGET, compress, compressed_weights, recipe_for, weight_constants
+    from quantize.coreml_quant import compress, compressed_weights, recipe_for, weight_constants
 
     from .coreml_convert import FP32_REGIONS, save_mlpackage
 
     weights = spec.weights_module(module)
     layers = quantizable_layers(weights)
     variants = options.coreml_variants if spec.quantizable else ["fp16"]
-    by_target = {target: [v for v in variants if MINIMUM_TARGET.get(v, "iOS17") == target] for target in dict.fromkeys(MINIMUM_TARGET.get(v, "iOS17") for v in variants)}
+    by_target = {target: [v for v in variants if VARIANTS[v].coreml_target == target] for target in dict.fromkeys(VARIANTS[v].coreml_target for v in variants)}
     sizes = list(options.resolutions) if "height" in spec.dims else [None]
     f = info.vae_scale_factor
     entries = []

@@ -9,13 +9,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantize.variants import BASE_PRECISIONS, VARIANTS, quantized_variants
 from runtimes.bundle import MANIFEST
 from runtimes.limits import MAX_SIDE
 
-TARGETS = ("onnx", "coreml")
-DTYPES = ("fp32", "fp16")
-ONNX_VARIANTS = ("fp16", "int8", "int4")
-COREML_VARIANTS = ("int8", "int4", "palette4", "palette6")  # Core ML's base precision is fp16
+TARGETS = tuple(BASE_PRECISIONS)
+DTYPES = BASE_PRECISIONS["onnx"]
+ONNX_VARIANTS = ("fp16", *quantized_variants("onnx"))  # fp16 is a variant of an fp32 bundle
+COREML_VARIANTS = quantized_variants("coreml")  # Core ML's base precision is fp16
 QUANTIZE = tuple(dict.fromkeys(ONNX_VARIANTS + COREML_VARIANTS))
 GRAPH_NAMES = ("text_encoder", "transformer", "denoise_step", "vq_decoder", "vq_encoder")  # graphs.GRAPHS, in order (a test checks)
 COREML_GRAPHS = ("text_encoder", "denoise_step", "vq_decoder", "vq_encoder")  # no raw transformer on devices
@@ -57,7 +58,7 @@ class ExportOptions:
         """variant -> Recipe for every variant but the base precision."""
         from quantize.recipe import Recipe
 
-        schemes = {q if q in ONNX_VARIANTS else "int4" for q in self.quantize if q != self.dtype}  # palettes follow int4's rules
+        schemes = {VARIANTS[q].scheme for q in self.quantize if q != self.dtype}
         recipes = {scheme: Recipe.load(scheme, self.block_size) for scheme in schemes}
         for name in self.recipes:
             recipe = Recipe.load(name, self.block_size)

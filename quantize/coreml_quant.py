@@ -20,18 +20,17 @@ from torch import nn
 from runtimes.quiet import quiet
 
 from .recipe import Recipe
+from .variants import VARIANTS
 
 with quiet():  # coremltools logs on import that torch 2.13 is untested and, off macOS, that its native Core ML library is absent
     import coremltools as ct
 import coremltools.optimize.coreml as cto
 
-MINIMUM_TARGET = {"int8": "iOS17", "int4": "iOS18", "palette4": "iOS17", "palette6": "iOS17"}
-
 
 def recipe_for(variant: str, recipes: dict) -> Recipe:
-    """The recipe that decides which layers a Core ML variant compresses: the int8 recipe for int8, the
-    int4 recipe (with its int8 exceptions) for int4 and the palettes."""
-    scheme = "int8" if variant == "int8" else "int4"
+    """The recipe that decides which layers a Core ML variant compresses (`variants.VARIANTS`): the int8
+    recipe for int8, the int4 recipe (with its int8 exceptions) for int4 and the palettes."""
+    scheme = VARIANTS[variant].scheme
     return recipes.get(scheme) or Recipe.load(scheme)
 
 
