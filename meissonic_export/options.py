@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantize.variants import BASE_PRECISIONS, VARIANTS, quantized_variants
+from reference.folder import CheckpointError
+from reference.folder import check_checkpoint_folder as check_folder
 from runtimes.bundle import MANIFEST
+from runtimes.json_files import read_json_object
 from runtimes.limits import MAX_SIDE
 
 TARGETS = tuple(BASE_PRECISIONS)
@@ -74,13 +77,7 @@ def read_generation_config(checkpoint: Path) -> dict:
     path = Path(checkpoint) / GENERATION_CONFIG
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ExportError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path, ExportError, "a generation config")
 
 
 def default_resolutions(checkpoint: Path) -> tuple[tuple[int, int], ...]:
@@ -89,11 +86,10 @@ def default_resolutions(checkpoint: Path) -> tuple[tuple[int, int], ...]:
 
 
 def check_checkpoint_folder(checkpoint: Path) -> None:
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise ExportError(f"{checkpoint}: checkpoint folder not found")
-    if not (checkpoint / "model_index.json").is_file():
-        raise ExportError(f"{checkpoint}: not a checkpoint folder (no model_index.json)")
+    try:
+        check_folder(checkpoint)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
 
 
 def is_bundle_written_here(folder: Path) -> bool:

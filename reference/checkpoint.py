@@ -16,13 +16,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig
 
+from runtimes.json_files import read_json_object
+
+from .folder import CheckpointError, check_checkpoint_folder
 from .text_encoder import TextEncoder
 from .transformer import MeissonicTransformer, TransformerConfig
 from .vqvae import VQConfig, VQModel
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -88,24 +87,12 @@ COMPONENTS = {
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-
-
-def _check_folder(folder: Path) -> Path:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder not found")
-    if not (folder / "model_index.json").is_file():
-        raise CheckpointError(f"{folder}: not a checkpoint folder (no model_index.json)")
-    return folder
+    return read_json_object(path, CheckpointError, "a config")
 
 
 def read_config(folder: Path, name: str):
     component = COMPONENTS[name]
-    path = _check_folder(folder) / component.folder / "config.json"
+    path = check_checkpoint_folder(folder) / component.folder / "config.json"
     return component.read_config(_read_json(path), path)
 
 

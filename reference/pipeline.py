@@ -17,7 +17,8 @@ from transformers import CLIPTokenizer
 
 from runtimes.images import image_to_pixels, mask_to_grid, open_image, pixels_to_pil
 
-from .checkpoint import CheckpointError, _check_folder, _read_json, load_component
+from .checkpoint import _read_json, load_component
+from .folder import CheckpointError, check_checkpoint_folder
 from .scheduler import MaskGITScheduler, TorchNoise, UniformNoise
 
 
@@ -32,7 +33,7 @@ class PipelineOutput:
 
 
 def load_tokenizer(folder: Path) -> CLIPTokenizer:
-    folder = _check_folder(folder) / "tokenizer"
+    folder = check_checkpoint_folder(folder) / "tokenizer"
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name}: file not found")
@@ -40,7 +41,7 @@ def load_tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def load_scheduler(folder: Path) -> MaskGITScheduler:
-    path = _check_folder(folder) / "scheduler" / "scheduler_config.json"
+    path = check_checkpoint_folder(folder) / "scheduler" / "scheduler_config.json"
     config = _read_json(path)
     if "mask_token_id" not in config:
         raise CheckpointError(f"{path}: no mask_token_id")
@@ -66,7 +67,7 @@ class MeissonicPipeline:
 
     @classmethod
     def from_pretrained(cls, folder) -> MeissonicPipeline:
-        folder = _check_folder(folder)
+        folder = check_checkpoint_folder(folder)
         return cls(
             load_tokenizer(folder),
             load_component(folder, "text_encoder"),

@@ -7,9 +7,10 @@ sha256 of every other file.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from .json_files import read_json_object
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -86,12 +87,7 @@ def read_manifest(bundle: Path) -> Manifest:
     path = bundle / MANIFEST
     if not path.is_file():
         raise BundleError(f"{path}: missing; not a complete bundle (an interrupted export leaves none)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise BundleError(f"{path}: not a manifest (expected a JSON object)")
+    raw = read_json_object(path, BundleError, "a manifest")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path}: bundle format version {version!r} is not supported (this runtime reads {FORMAT_VERSION})")
