@@ -241,7 +241,8 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
     # coremltools is imported here, not at the top: it takes seconds to load and ONNX-only exports never need it
     from quantize.coreml_quant import compress, compressed_weights, recipe_for, weight_constants
 
-    from .coreml_convert import FP32_REGIONS, save_mlpackage
+    from .coreml_convert import save_mlpackage
+    from .coreml_fp16 import FP32_REGIONS
 
     weights = spec.weights_module(module)
     layers = quantizable_layers(weights)
@@ -299,7 +300,8 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
 
 def _convert_coreml(spec: GraphSpec, module, example: dict, chunks: int, target: str):
     """Yields (file name suffix, input names, output names, MLModel, the torch module converted) per package."""
-    from .coreml_convert import convert_denoise_chunks, convert_graph  # coremltools: see _export_coreml_graph
+    from .coreml_chunks import convert_denoise_chunks  # coremltools: see _export_coreml_graph
+    from .coreml_convert import convert_graph
 
     if spec.name == "denoise_step" and chunks > 1:
         for i, (chunk, model) in enumerate(convert_denoise_chunks(spec, module, example, chunks, "fp16", target)):

@@ -30,15 +30,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meissonic_export.coreml_convert import (
-    FP32_REGIONS,
-    _converter_fixes,
-    convert_denoise_chunks,
-    convert_graph,
-    save_mlpackage,
-    split_denoise_step,
-    torch_runner,
-)
+from meissonic_export.coreml_chunks import convert_denoise_chunks, split_denoise_step, torch_runner
+from meissonic_export.coreml_convert import convert_graph, save_mlpackage
+from meissonic_export.coreml_fixes import converter_fixes
+from meissonic_export.coreml_fp16 import FP32_REGIONS
 from meissonic_export.graphs import GRAPHS, GraphSpec, ModelInfo, TensorSpec
 from meissonic_export.validate import Budget, reference_outputs, sqnr_db, validate
 from reference.transformer import position_ids, rotary_tables
@@ -319,7 +314,7 @@ def test_gelu_tanh_approximation_survives_conversion(tmp_path):
         assert np.abs(y - tanh).max() < tolerance, precision
         if precision == "fp32":
             assert np.abs(y - exact).max() > 4e-4
-    # the canary: once coremltools honours the keyword, the override in coreml_convert can go
+    # the canary: once coremltools honours the keyword, the override in coreml_fixes can go
     assert np.abs(_convert_plain(_Gelu(), x, tmp_path / "plain")({"x": x})["y"] - exact).max() < 1e-6
 
 
@@ -339,9 +334,9 @@ def test_converter_registry_is_restored():
     from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY
 
     before = dict(_TORCH_OPS_REGISTRY.name_to_func_mapping)
-    with _converter_fixes():
+    with converter_fixes():
         assert _TORCH_OPS_REGISTRY.name_to_func_mapping["gelu"] is not before["gelu"]
-        with _converter_fixes():
+        with converter_fixes():
             pass
         assert "alias" in _TORCH_OPS_REGISTRY.name_to_func_mapping
     assert _TORCH_OPS_REGISTRY.name_to_func_mapping == before
