@@ -20,8 +20,9 @@ from .cli_common import (
     parse_size,
     run_main,
     save_images,
+    write_atomically,
 )
-from .limits import MAX_SEED, check_int
+from .limits import MAX_SEED, MAX_STEPS, check_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider (default: CPUExecutionProvider)")
     parser.add_argument("--optimization", choices=["disable", "basic", "extended", "all"], default="all", help="onnxruntime graph optimization level (default: all)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
+    parser.add_argument("--preview-every", type=int, default=0, metavar="K", help="also write OUT's name + .steps.png: an animated PNG of what the model would draw after every K-th step and the last (default: 0, none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -75,11 +77,33 @@ def _prompts(args) -> list[str]:
     return [args.prompt]
 
 
+class Previews:
+    """Frames decoded after every K-th step (and the last), written per image as one animated PNG."""
+
+    def __init__(self, every: int):
+        self.every, self.frames = every, []  # frames: per step, the batch's PIL images
+
+    def add(self, report) -> None:
+        if self.every and ((report.step + 1) % self.every == 0 or report.step == report.steps - 1):
+            from .images import pixels_to_pil
+
+            self.frames.append(pixels_to_pil(report.preview()))
+
+    def save(self, outputs: list[Path]) -> None:
+        for i, out in enumerate(outputs if self.frames else []):
+            path = out.with_name(out.stem + ".steps.png")
+            frames = [step[i] for step in self.frames]
+            write_atomically(path, lambda temporary, frames=frames: frames[0].save(
+                temporary, format="PNG", save_all=True, append_images=frames[1:], duration=400, loop=0))  # fmt: skip
+            print(f"wrote {path} ({len(frames)} frames)")
+
+
 def run(args) -> None:
     prompts = _prompts(args)
     width, height = parse_size("--size", args.size) if args.size is not None else (None, None)
     check_int("--seed", args.seed, 0, MAX_SEED)
     check_int("--threads", args.threads, 0, 1024)
+    check_int("--preview-every", args.preview_every, 0, MAX_STEPS)
     check_output_file("--out", args.out)
     for option, path in (("--image", args.image), ("--mask", args.mask)):
         if path is not None and not path.is_file():
@@ -103,13 +127,15 @@ def run(args) -> None:
         args.bundle, backend=args.backend, variant=args.variant, onnx_options=options, verify=not args.no_verify, low_memory=True
     )
     print(f"backend: {runtime.backend.name}, variant: {runtime.backend.variant}", file=sys.stderr)
+    previews = Previews(args.preview_every)
     started = time.time()
     result = runtime.generate(
         prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
         width=width, height=height, num_images=args.num_images, temperature=args.temperature,
-        image=args.image, strength=args.strength, mask=args.mask, progress=not args.no_progress,
+        image=args.image, strength=args.strength, mask=args.mask, progress=not args.no_progress, on_step=previews.add,
     )  # fmt: skip
     images = save_images(result.images, args.out)
+    previews.save(images)
     print(f"{len(images)} image(s) in {time.time() - started:.1f} s", file=sys.stderr)
 
 

@@ -7,13 +7,14 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from .bundle import BundleError, read_manifest, verify_files
 from .images import ImageInputError
 from .limits import RuntimeInputError, check_request
 from .onnx_backend import OnnxBackend, OnnxOptions
-from .sampler import ModelFacts, Request, Result, Sampler
+from .sampler import ModelFacts, Request, Result, Sampler, StepReport
 from .tokenizer import CLIPTokenizer
 
 BACKENDS = ("onnx", "coreml")
@@ -78,6 +79,7 @@ class MeissonicRuntime:
         strength: float = 1.0,
         mask=None,
         progress: bool = True,
+        on_step: Callable[[StepReport], bool | None] | None = None,
     ) -> Result:
         """Same parameters and randomness as the reference pipeline with `UniformNoise.from_seed(seed)`.
         What is not given comes from the bundle's generation defaults (the model's own settings, from
@@ -103,7 +105,7 @@ class MeissonicRuntime:
             guidance_scale=guidance_scale, num_images=num_images, seed=seed, temperature=tuple(temperature),
             image=image, strength=strength, mask=mask,
         )  # fmt: skip
-        return self.sampler(request, progress=progress)
+        return self.sampler(request, progress=progress, on_step=on_step)
 
 
 __all__ = ["BundleError", "ImageInputError", "MeissonicRuntime", "OnnxOptions", "Result", "RuntimeInputError"]

@@ -81,6 +81,27 @@ class Request:
     mask: object = None  # path or PIL image: white = regenerate
 
 
+class GenerationCancelled(Exception):
+    """An `on_step` callback returned False: the generation stopped between two steps; nothing is returned."""
+
+
+@dataclass
+class StepReport:
+    """What `on_step` receives after each denoising step. `tokens` are the grid as it stands (mask id
+    where a token is still unknown); `sampled` fills every unknown position with this step's draw, so
+    `preview()` shows what the model would decode now (at the last step, exactly the final image)."""
+
+    step: int  # 0-based index among the run's steps
+    steps: int
+    tokens: np.ndarray  # [B, h, w]
+    sampled: np.ndarray  # [B, h, w]
+    decode: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+
+    def preview(self) -> np.ndarray:
+        """[B, 3, H, W] in [0, 1], decoded from `sampled` (one VQ decoder run)."""
+        return self.decode(self.sampled)
+
+
 @dataclass
 class Result:
     tokens: np.ndarray  # [B, h, w]
@@ -134,7 +155,11 @@ class Sampler:
         out = self.backend.graph("text_encoder")({"input_ids": self.tokenizer(prompts)})
         return out["text_embeds"], out["encoder_hidden_states"]
 
-    def __call__(self, request: Request, progress: bool = True) -> Result:
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(self.backend.graph("vq_decoder")({"tokens": tokens})["image"], dtype=np.float32)
+
+    def __call__(self, request: Request, progress: bool = True, on_step: Callable[[StepReport], bool | None] | None = None) -> Result:
+        """`on_step(report)` after each denoising step; returning False cancels (GenerationCancelled)."""
         r, f, mask_id = request, self.facts.vae_scale_factor, self.facts.mask_token_id
         grid_h, grid_w = r.height // f, r.width // f
         batch, positions = len(r.prompts) * r.num_images, grid_h * grid_w
@@ -179,16 +204,26 @@ class Sampler:
             sampled = np.where(unknown, out["sampled_tokens"].astype(np.int64), tokens)
             if step == r.steps - 1:
                 tokens = sampled
-                continue  # the last step; `continue`, not `break`, so the progress bar reaches its total
-            mask_len = np.floor(np.float32(positions) * cosine_mask_ratio(step + 1, r.steps, starting_ratio))
-            mask_len = np.maximum(1, np.minimum(unknown.sum(-1) - 1, mask_len)).astype(np.int64)  # [B]
-            confidence = np.where(unknown, out["log_probs"], LOG_FLOAT32_MAX) + temperatures[step] * gumbel(draw())
-            cut_off = np.take_along_axis(np.sort(confidence, axis=-1), mask_len[:, None], axis=-1)
-            tokens = np.where(confidence < cut_off, mask_id, sampled)
+            else:
+                tokens = self._remask(sampled, unknown, out["log_probs"], step, r.steps, starting_ratio, temperatures[step], draw())
+            if on_step is not None:
+                shape = (batch, grid_h, grid_w)
+                report = StepReport(step, r.steps, tokens.reshape(shape), sampled.reshape(shape), self.decode)
+                if on_step(report) is False:
+                    raise GenerationCancelled(f"cancelled after step {step + 1} of {r.steps}")
 
         del step_graph
         self._done("denoise_step")
         tokens = tokens.reshape(batch, grid_h, grid_w)
-        pixels = self.backend.graph("vq_decoder")({"tokens": tokens})["image"]
+        pixels = self.decode(tokens)
         self._done("vq_decoder")
-        return Result(tokens=tokens, pixels=np.asarray(pixels, dtype=np.float32))
+        return Result(tokens=tokens, pixels=pixels)
+
+    def _remask(self, sampled, unknown, log_probs, step: int, steps: int, starting_ratio, temperature, gumbel_uniforms) -> np.ndarray:
+        """MaskGIT: keep the most confident draws, mask the rest again as the cosine schedule says."""
+        positions = sampled.shape[-1]
+        mask_len = np.floor(np.float32(positions) * cosine_mask_ratio(step + 1, steps, starting_ratio))
+        mask_len = np.maximum(1, np.minimum(unknown.sum(-1) - 1, mask_len)).astype(np.int64)  # [B]
+        confidence = np.where(unknown, log_probs, LOG_FLOAT32_MAX) + temperature * gumbel(gumbel_uniforms)
+        cut_off = np.take_along_axis(np.sort(confidence, axis=-1), mask_len[:, None], axis=-1)
+        return np.where(confidence < cut_off, self.facts.mask_token_id, sampled)

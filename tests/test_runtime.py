@@ -204,3 +204,35 @@ def test_cli_writes_numbered_pngs_for_a_prompts_file(tiny_bundle, tmp_path):
     code, lines = _generate(tiny_bundle, "--prompts-file", prompts, "--steps", "2", "--size", "192x128", "--out", tmp_path / "img.png")
     assert code == 0, lines
     assert sorted(p.name for p in tmp_path.glob("img-*.png")) == ["img-0.png", "img-1.png"]
+
+
+def test_each_step_is_reported_with_a_preview_and_can_be_cancelled(runtime):
+    from runtimes.sampler import GenerationCancelled
+
+    request = {"prompt": "a cat", "steps": 4, "width": SIZE[0], "height": SIZE[1], "seed": 3, "progress": False}
+    reports = []
+    result = runtime.generate(**request, on_step=lambda r: reports.append((r.step, r.tokens.copy(), r.preview())))
+    mask_id = runtime.manifest.model["mask_token_id"]
+    assert [step for step, _, _ in reports] == [0, 1, 2, 3]
+    still_masked = [int((tokens == mask_id).sum()) for _, tokens, _ in reports]
+    assert still_masked == sorted(still_masked, reverse=True) and still_masked[0] > 0 and still_masked[-1] == 0, still_masked
+    assert reports[0][2].shape == result.pixels.shape and np.isfinite(reports[0][2]).all()
+    np.testing.assert_array_equal(reports[-1][1], result.tokens)
+    np.testing.assert_array_equal(reports[-1][2], result.pixels)  # the last preview is the final image
+    np.testing.assert_array_equal(runtime.generate(**request).tokens, result.tokens)  # reporting draws nothing
+
+    seen = []
+    with pytest.raises(GenerationCancelled, match="after step 2 of 4"):
+        runtime.generate(**request, on_step=lambda r: seen.append(r.step) or r.step < 1)
+    assert seen == [0, 1]
+
+
+def test_cli_writes_the_steps_as_an_animated_png(tiny_bundle, tmp_path):
+    out = tmp_path / "cat.png"
+    code, lines = _generate(tiny_bundle, "a cat", "--steps", "4", "--size", "192x128", "--preview-every", "2", "--out", out)
+    assert code == 0, lines
+    steps = Image.open(tmp_path / "cat.steps.png")
+    assert steps.n_frames == 2  # after steps 2 and 4
+    steps.seek(1)
+    assert np.array_equal(np.asarray(steps.convert("RGB")), np.asarray(Image.open(out).convert("RGB")))
+    _error([tiny_bundle, "a cat", "--preview-every", "-1"], "--preview-every: must be in [0, 1000] (got -1)")
