@@ -126,6 +126,8 @@ def write_checkpoint(preset_name: str, out: Path, seed: int = 0, overwrite: bool
 
         def copy(staging: Path) -> None:
             shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
+            for name in ("vocab.json", "merges.txt"):  # the one shipped copy of CLIP's BPE files, not a second
+                shutil.copyfile(TOKENIZER_ASSETS / name, staging / "tokenizer" / name)
 
         return _write_folder(out, copy, overwrite)
     preset = PRESETS[preset_name]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from reference import shapes
-from reference.presets import OWNER_MARKER, PRESETS, TRAINED, write_checkpoint
+from reference.presets import OWNER_MARKER, PRESETS, TOKENIZER_ASSETS, TRAINED, write_checkpoint
 from reference.training import SHAPES_GENERATION, TrainConfig, train_shapes
 
 SHIPPED = TRAINED["shapes"]
@@ -74,18 +74,26 @@ def test_shipped_checkpoint_loads_strictly_and_make_checkpoint_writes_it(tmp_pat
     for path in SHIPPED.rglob("*"):
         if path.is_file() and path.name != "__init__.py":
             assert (out / path.relative_to(SHIPPED)).read_bytes() == path.read_bytes()
+    for name in ("vocab.json", "merges.txt"):
+        assert (out / "tokenizer" / name).read_bytes() == (TOKENIZER_ASSETS / name).read_bytes()
     pipe = MeissonicPipeline.from_pretrained(out)
     assert pipe.transformer.config == PRESETS["shapes"].transformer
     assert json.loads((out / "generation_config.json").read_text()) == SHAPES_GENERATION
 
 
 @pytest.fixture(scope="module")
-def shapes_bundle(tmp_path_factory):
+def shapes_checkpoint(tmp_path_factory):
+    """The shipped model as `make-checkpoint` writes it (the shipped folder shares CLIP's BPE files)."""
+    return write_checkpoint("shapes", tmp_path_factory.mktemp("shapes") / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def shapes_bundle(tmp_path_factory, shapes_checkpoint):
     from meissonic_export.export import export_bundle
     from meissonic_export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("shapes") / "bundle"
-    export_bundle(SHIPPED, out, ExportOptions(progress=False))
+    export_bundle(shapes_checkpoint, out, ExportOptions(progress=False))
     return out
 
 
@@ -119,17 +127,17 @@ def test_a_small_evaluation_subset_draws_the_prompts(shapes_bundle, tmp_path):
 MIN_COLOR_ACCURACY = 0.90
 
 
-def _runtime_and_pipeline(shapes_bundle):
+def _runtime_and_pipeline(shapes_bundle, shapes_checkpoint):
     from reference.pipeline import MeissonicPipeline
     from runtimes.pipeline import MeissonicRuntime
 
-    return MeissonicRuntime.from_bundle(shapes_bundle), MeissonicPipeline.from_pretrained(SHIPPED)
+    return MeissonicRuntime.from_bundle(shapes_bundle), MeissonicPipeline.from_pretrained(shapes_checkpoint)
 
 
-def test_reference_and_runtime_give_identical_tokens_on_the_trained_model(shapes_bundle, tmp_path):
+def test_reference_and_runtime_give_identical_tokens_on_the_trained_model(shapes_bundle, shapes_checkpoint, tmp_path):
     from reference.scheduler import UniformNoise
 
-    runtime, pipe = _runtime_and_pipeline(shapes_bundle)
+    runtime, pipe = _runtime_and_pipeline(shapes_bundle, shapes_checkpoint)
     d = SHAPES_GENERATION
     common = {"guidance_scale": d["guidance_scale"], "temperature": tuple(d["temperature"])}
     source = runtime.generate("a red circle on a blue background", seed=1, progress=False).images[0]
@@ -191,7 +199,7 @@ def test_full_evaluation_of_every_variant(tmp_path):
     from meissonic_export.options import EvaluateOptions, ExportOptions
 
     bundle = tmp_path / "bundle"
-    export_bundle(SHIPPED, bundle, ExportOptions(targets=("onnx", "coreml"), quantize=("int8", "int4", "palette4", "palette6"), progress=False))
+    export_bundle(write_checkpoint("shapes", tmp_path / "checkpoint"), bundle, ExportOptions(targets=("onnx", "coreml"), quantize=("int8", "int4", "palette4", "palette6"), progress=False))
     onnx = evaluate_bundle(bundle, EvaluateOptions(progress=False))
     # Core ML runs through the numpy evaluator off macOS (~10 s an image): a 48-pair subset, against ONNX float32 on it
     coreml = evaluate_bundle(bundle, EvaluateOptions(backend="coreml", count=48, held_out_seeds=0, reference=False, progress=False))
