@@ -116,6 +116,27 @@ def _evaluate(args) -> None:
         print(f"wrote {path}")
 
 
+def _port_kit(args) -> None:
+    from runtimes.bundle import BundleError, read_manifest
+
+    from .port_kit import is_port_kit_written_here
+
+    check_output_folder(args.out, args.overwrite, is_port_kit_written_here, "port kit", sources=(args.bundle,))
+    try:
+        manifest = read_manifest(args.bundle)
+    except BundleError as error:
+        raise ExportError(str(error)) from None
+    if "onnx" not in manifest.raw["base_variants"]:
+        raise ExportError(f"{args.bundle}: the port kit records an ONNX generation; this bundle has no ONNX graphs (export with --targets onnx)")
+    from .export import staged_folder
+    from .port_kit import write_port_kit
+
+    with staged_folder(args.out, args.overwrite) as staging:
+        written = write_port_kit(args.bundle, staging, progress=not args.no_progress)
+    for path in written:
+        print(f"wrote {args.out / path.name}")
+
+
 def _headline(figures: dict, variant: str) -> tuple[str, float, bool]:
     """The one figure that sums up an output's parity, and whether a larger value is worse."""
     error = ("max_abs", True) if variant == "fp32" else ("sqnr_db", False)
@@ -278,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for evaluation.json and evaluation_grid.png (default: evaluation)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(run=_evaluate)
+
+    kit = add(
+        "port-kit",
+        help="write test vectors for a Swift, Kotlin or JavaScript port of the runtime",
+        description="Write language-neutral test vectors (JSON plus raw little-endian arrays): PCG64 streams from "
+        "numpy's seeding to float32 draws, the float32 temperature and mask-length schedules, the tokenizer on "
+        "320 prompts, and one whole generation of BUNDLE (every graph input and output per step, the draws and the "
+        "tokens after each step). The README's Porting section says how a port uses them.",
+    )
+    kit.add_argument("bundle", type=Path, help="bundle whose generation is recorded (its base ONNX variant, the model's own settings)")
+    kit.add_argument("--out", type=Path, default=Path("port-kit"), help="folder to create (default: port-kit)")
+    kit.add_argument("--overwrite", action="store_true", help="replace a port kit this tool wrote (nothing else)")
+    kit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    kit.set_defaults(run=_port_kit)
 
     sens = add(
         "sensitivity",

@@ -73,7 +73,7 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
     info = ModelInfo.from_components(components)
     rng = np.random.default_rng(options.seed)
     work = [(target, GRAPHS[name]) for target in options.targets for name in options.graphs if target == "onnx" or name in COREML_GRAPHS]
-    with _staging(out, options.overwrite, options.keep_failed) as staging, tqdm(total=len(work), disable=not options.progress, unit="graph") as bar:
+    with staged_folder(out, options.overwrite, options.keep_failed) as staging, tqdm(total=len(work), disable=not options.progress, unit="graph") as bar:
         shutil.copytree(checkpoint / "tokenizer", staging / "tokenizer")
         shutil.copytree(checkpoint / "scheduler", staging / "scheduler")
         entries = []
@@ -367,7 +367,7 @@ OFFICIAL_DEFAULTS = {"steps": 48, "guidance_scale": 9.0, "temperature": [2.0, 0.
 
 
 @contextmanager
-def _staging(out: Path, overwrite: bool, keep_failed: bool = False):
+def staged_folder(out: Path, overwrite: bool, keep_failed: bool = False):
     """Yield a hidden folder beside `out`; move it to `out` on success, delete it on any failure (or,
     with `keep_failed`, move it to `out.failed`: no manifest, so no runtime mistakes it for a bundle)."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,11 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("export", ["evaluate", bundle, "--held-out-seeds", "-1"], "--held-out-seeds"),
         ("export", ["evaluate", bundle, "--backend", "tpu"], "--backend"),
         ("export", ["evaluate", bundle, "--out", "file.txt"], "is not a folder"),
+        # port-kit
+        ("export", ["port-kit", "missing"], "missing: bundle folder not found"),
+        ("export", ["port-kit", "GOLDEN", "--out", "k"], "manifest.json: missing"),
+        ("export", ["port-kit", bundle, "--out", "mydocs", "--overwrite"], "not a port kit written by meissonic-export"),
+        ("export", ["port-kit", bundle, "--out", "mydocs"], "already exists (pass --overwrite"),
         # meissonic-generate
         ("generate", ["missing", "a cat"], "missing: bundle folder not found"),
         ("generate", ["mydocs", "a cat"], "manifest.json: missing"),
@@ -159,7 +164,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(index, workspace, golden_check
 
 def test_the_suite_covers_every_command():
     commands = {(c, a[0] if c == "export" else "generate") for c, a, _ in CASES}
-    assert {("export", name) for name in ("make-checkpoint", "train", "export", "evaluate")} <= commands
+    assert {("export", name) for name in ("make-checkpoint", "train", "export", "evaluate", "port-kit")} <= commands
     assert ("generate", "generate") in commands
     assert len(CASES) >= 60
 

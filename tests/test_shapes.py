@@ -154,6 +154,33 @@ def test_reference_and_runtime_give_identical_tokens_on_the_trained_model(shapes
             assert np.array_equal(ours.tokens, theirs.tokens.numpy()), (extra.keys(), seed)
 
 
+def test_committed_port_kit_is_what_the_command_writes(shapes_bundle, tmp_path):
+    """`meissonic-export port-kit` on the shipped model rewrites docs/port_kit: same files, the same JSON,
+    integer arrays bit for bit; float arrays within 1e-4 of their scale (another CPU's onnxruntime kernels
+    may round differently; float32 parity is stated at that level), the PNG within one level."""
+    from pathlib import Path
+
+    from meissonic_export.cli import main
+
+    committed, fresh = Path(__file__).parent.parent / "docs" / "port_kit", tmp_path / "kit"
+    assert main(["port-kit", str(shapes_bundle), "--out", str(fresh), "--no-progress"]) == 0
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files(fresh) == files(committed)
+    generation = json.loads((committed / "generation.json").read_text())
+    arrays = {ref["file"]: ref["dtype"] for call in generation["calls"] for ref in [*call["inputs"].values(), *call["outputs"].values()]}
+    arrays.update({ref["file"]: ref["dtype"] for step in generation["steps"] for ref in step.values() if isinstance(ref, dict)})
+    for name in files(committed):
+        old, new = (committed / name).read_bytes(), (fresh / name).read_bytes()
+        if name.endswith(".png"):
+            a, b = (np.asarray(Image.open(root / name), dtype=np.int16) for root in (committed, fresh))
+            assert np.abs(a - b).max() <= 1, name
+        elif arrays.get(name, "").startswith("float"):
+            a, b = np.frombuffer(old, "<f4"), np.frombuffer(new, "<f4")
+            assert np.allclose(a, b, rtol=0, atol=1e-4 * max(1.0, float(np.abs(a).max()))), name
+        else:
+            assert old == new, name
+
+
 def test_inpainting_repaints_the_shape_in_the_named_color(shapes_bundle, tmp_path):
     """Mask the tokens under the shape, ask for another shape color: the analyzer reads the new color,
     and every token outside the mask is unchanged."""

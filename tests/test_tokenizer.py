@@ -1,8 +1,8 @@
-"""The runtime's CLIP tokenizer against transformers' CLIPTokenizer, for both pad conventions."""
+"""The runtime's CLIP tokenizer against transformers' CLIPTokenizer, for both pad conventions, on the
+port kit's prompts (edge cases of unicode, emoji, whitespace and length, and prompts stitched from them)."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import warnings
 
@@ -10,46 +10,8 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
+from meissonic_export.port_kit import tokenizer_prompts
 from runtimes.tokenizer import CLIPTokenizer
-
-BASE = [
-    "A photo of a cat, wearing a HAT",
-    "",
-    " ",
-    "a   lot\tof\n\nwhitespace   ",
-    "UPPER lower MiXeD CaSe",
-    "numbers 1234567890 3.14159 1e-6 42nd 100%",
-    "punctuation!!! ?? ... ;; :: -- __ ++ == ## @@ $$ ^^ && ** (( )) [[ ]] {{ }} <<>> // \\\\ || ~~ `` ''",
-    "don't can't won't it's we're they've I'm you'll he'd",
-    "quotes \"double\" 'single' «guillemets» „low“",
-    "café naïve résumé façade coöperate Ångström",
-    "Straße ßtraße ǅungla İstanbul ΣΊΣΥΦΟΣ",
-    "日本語のテキスト 中文文本 한국어 텍스트",
-    "emoji 🐱🎩 👩‍👩‍👧‍👦 🇫🇷 ❤️ 👍🏽",
-    "Ｆｕｌｌｗｉｄｔｈ ｌｅｔｔｅｒｓ and ﬁ ligature",
-    "combining e\u0301 vs precomposed é, NFC matters",
-    "zero\u200bwidth\u200bspace and non\u00a0breaking",
-    "math ∑∫√∞ ≤≥≠ ½ ¼ ² ³",
-    "arabic العربية hebrew עברית hindi हिन्दी thai ภาษาไทย",
-    "<|startoftext|> inside <|endoftext|> the prompt",
-    "exclamation! pad-token! convention!",
-    "a" * 300,
-    " ".join(["very long prompt"] * 40),
-    "tab\tand\rcarriage return",
-    "URL https://example.com/path?query=1&x=2 and email me@example.org",
-    "#hashtag @mention snake_case kebab-case camelCase",
-]
-
-
-def _prompts(count: int = 240) -> list[str]:
-    rng = random.Random(0)
-    words = [w for p in BASE for w in p.split()] + ["🐶", "ÉCOLE", "x86_64", "3D", "4K", "!", "?!", "re-mask", "Ⅻ"]
-    prompts = list(BASE)
-    while len(prompts) < count:
-        n = rng.randint(1, 30)
-        joiners = [" ", "  ", ", ", "\n", "-", ""]
-        prompts.append("".join(rng.choice(words) + rng.choice(joiners) for _ in range(n)))
-    return prompts
 
 
 @pytest.fixture(params=["<|endoftext|>", "!"], ids=["pad-eos", "pad-bang"])
@@ -66,7 +28,7 @@ def tokenizer_dir(request, golden_checkpoint, tmp_path):
 def test_identical_to_transformers(tokenizer_dir):
     reference = TransformersCLIPTokenizer.from_pretrained(str(tokenizer_dir))
     ours = CLIPTokenizer(tokenizer_dir)
-    prompts = _prompts()
+    prompts = tokenizer_prompts()
     assert len(prompts) >= 200
     expected = reference(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
     with warnings.catch_warnings():
