@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
     exp.add_argument("--out", type=Path, required=True, help="bundle folder to create")
-    exp.add_argument("--targets", default="onnx", help=f"comma-separated: {', '.join(TARGETS)} (default: onnx). Core ML packages are float16, static (one per resolution)")
+    exp.add_argument("--targets", default="onnx", help=f"comma-separated: {', '.join(TARGETS)} (default: onnx). ort: the ONNX graphs also as ORT-format models for apps, "
+                     "with the operator config of a reduced onnxruntime build. Core ML packages are float16, static (one per resolution)")
     exp.add_argument("--resolution", default=None, help="image sizes to support and validate, e.g. 512,1024 or 768x512 (default: the checkpoint's own from its generation_config.json, else 512,1024)")
     exp.add_argument("--dtype", default="fp32", choices=DTYPES, help="base precision of the graphs (default: fp32)")
     exp.add_argument("--graphs", default=",".join(GRAPH_NAMES), help="comma-separated subset of: " + ", ".join(GRAPH_NAMES) + " (default: all)")

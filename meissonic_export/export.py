@@ -46,6 +46,7 @@ from .options import (
     default_resolutions,
     read_generation_config,
 )
+from .ort_format import OPERATORS_CONFIG, convert_to_ort, mobile_usability, too_large_for_ort, write_operators_config
 from .validate import BUDGETS, reference_outputs, sqnr_db, validate
 
 
@@ -72,7 +73,9 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
     tokenizer, scheduler = load_tokenizer(checkpoint), load_scheduler(checkpoint)
     info = ModelInfo.from_components(components)
     rng = np.random.default_rng(options.seed)
-    work = [(target, GRAPHS[name]) for target in options.targets for name in options.graphs if target == "onnx" or name in COREML_GRAPHS]
+    if "ort" in options.targets and "onnx" not in options.targets:  # ORT models are converted from the ONNX graphs, kept beside them
+        options = dataclasses.replace(options, targets=("onnx", *options.targets))
+    work = [(target, GRAPHS[name]) for target in options.targets for name in options.graphs if target == "onnx" or (target == "coreml" and name in COREML_GRAPHS)]
     with staged_folder(out, options.overwrite, options.keep_failed) as staging, tqdm(total=len(work), disable=not options.progress, unit="graph") as bar:
         shutil.copytree(checkpoint / "tokenizer", staging / "tokenizer")
         shutil.copytree(checkpoint / "scheduler", staging / "scheduler")
@@ -84,7 +87,15 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
             export = _export_onnx_graph if target == "onnx" else _export_coreml_graph
             entries += export(spec, module, info, cases, staging, options, recipes, bar)
             bar.update()
+        if "ort" in options.targets:
+            write_operators_config([staging / e["path"] for e in entries if e["target"] == "ort"], staging)
         manifest = _manifest(checkpoint, components, tokenizer, scheduler, info, options, entries, staging)
+        if "ort" in options.targets:
+            manifest["ort"] = {
+                "conversion": "onnxruntime.tools.convert_onnx_models_to_ort, optimization style Fixed, target platform arm",
+                "operators_config": OPERATORS_CONFIG,
+                "skipped": {f"{e['name']} ({e['variant']})": e["ort_skipped"] for e in entries if "ort_skipped" in e},
+            }
         if recipes:
             bar.set_description("quality runs")
             manifest["quality"] = sampling_quality(staging, manifest, options.quality_steps)
@@ -203,11 +214,36 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging:
             "parity": parity, "budget": BUDGETS[variant].to_dict(),
             **({"quantization": quantization} if quantization else {}),
         })  # fmt: skip
+        if "ort" in options.targets:
+            entries += _ort_entry(spec, module, entries[-1], cases, staging, variant, bar)
     if "fp32" not in variants:
         shutil.rmtree(fp32_dir)  # the float32 export was only the source of the variants
         if not any(fp32_dir.parent.iterdir()):
             fp32_dir.parent.rmdir()
     return entries
+
+
+def _ort_entry(spec: GraphSpec, module, onnx_entry: dict, cases, staging: Path, variant: str, bar) -> list[dict]:
+    """The ORT-format twin of an exported ONNX graph, validated like every graph. A graph over the
+    format's 2 GB limit gets none; its ONNX entry says why (`ort_skipped`)."""
+    reason = too_large_for_ort([staging / f for f in onnx_entry["files"]])
+    if reason is not None:
+        onnx_entry["ort_skipped"] = reason
+        return []
+    bar.set_postfix_str(f"ORT format {variant}")
+    try:
+        path = convert_to_ort(staging / onnx_entry["path"])
+    except RuntimeError as error:
+        raise ExportError(f"{spec.name} ({variant}): {error}") from None
+    bar.set_postfix_str(f"validating ORT {variant}")
+    parity = run_validation(spec, module, OnnxGraph(path), cases, variant)
+    bar.set_postfix_str(f"mobile usability {variant}")
+    usability = mobile_usability(staging / onnx_entry["path"])
+    relative = _relative(path, staging)
+    return [{
+        **onnx_entry, "target": "ort", "path": relative, "files": [relative], "bytes": path.stat().st_size, "parity": parity,
+        "mobile_usability": usability,
+    }]  # fmt: skip
 
 
 def _quantization_report(recipe, bits: dict[str, int], computed: dict, weights: torch.nn.Module, folded: list[str]) -> dict:
@@ -356,7 +392,7 @@ def _manifest(checkpoint, components, tokenizer, scheduler, info: ModelInfo, opt
             "defaults": {**OFFICIAL_DEFAULTS, **read_generation_config(checkpoint)},
         },
         "resolutions": [list(r) for r in options.resolutions],
-        "base_variants": {target: options.dtype if target == "onnx" else "fp16" for target in options.targets},
+        "base_variants": {target: options.dtype if target in ("onnx", "ort") else "fp16" for target in options.targets},
         "graphs": entries,
         "files": {_relative(p, staging): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
     }

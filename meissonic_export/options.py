@@ -16,7 +16,8 @@ from runtimes.bundle import MANIFEST
 from runtimes.json_files import read_json_object
 from runtimes.limits import MAX_SIDE
 
-TARGETS = tuple(BASE_PRECISIONS)
+# ort: the ONNX graphs also as ORT-format models for apps (the .onnx files are written too: they are the source)
+TARGETS = ("onnx", "ort", "coreml")
 DTYPES = BASE_PRECISIONS["onnx"]
 ONNX_VARIANTS = ("fp16", *quantized_variants("onnx"))  # fp16 is a variant of an fp32 bundle
 COREML_VARIANTS = quantized_variants("coreml")  # Core ML's base precision is fp16

@@ -33,7 +33,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 @dataclass
 class GraphEntry:
     name: str
-    target: str  # "onnx" or "coreml"
+    target: str  # "onnx", "ort" (the ONNX graphs as ORT-format models) or "coreml"
     variant: str  # "fp32", "fp16", "int8", "int4", ...
     path: str  # relative to the bundle
     raw: dict

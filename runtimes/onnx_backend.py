@@ -64,17 +64,17 @@ def _as_onnx_type(array: np.ndarray, onnx_type: str) -> np.ndarray:
 
 
 class OnnxBackend(Backend):
-    """The bundle's ONNX graphs of one variant. Every file is checked against the manifest's sha256 up
-    front (a corrupt bundle fails before any work); sessions are created on first use."""
+    """The bundle's ONNX graphs of one variant, as `.onnx` (target "onnx") or as the ORT-format models
+    that apps load (target "ort"; the same onnxruntime runs both). Every file is checked against the
+    manifest's sha256 up front (a corrupt bundle fails before any work); sessions are created on first use."""
 
-    name = "onnxruntime"
-
-    def __init__(self, manifest, variant: str, options: OnnxOptions | None = None, verify: bool = True):
+    def __init__(self, manifest, variant: str, options: OnnxOptions | None = None, verify: bool = True, target: str = "onnx"):
         from .bundle import verify_files
 
         super().__init__()
         self.manifest, self.variant, self.options = manifest, variant, options or OnnxOptions()
-        self.entries = {g.name: manifest.find(g.name, "onnx", variant) for g in manifest.graphs if g.target == "onnx"}
+        self.name = "onnxruntime" if target == "onnx" else "onnxruntime (ORT format)"
+        self.entries = {g.name: manifest.find(g.name, target, variant) for g in manifest.graphs if g.target == target}
         if verify:
             verify_files(manifest, sorted({f for entry in self.entries.values() for f in entry.raw["files"]}))
 

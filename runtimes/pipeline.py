@@ -17,7 +17,7 @@ from .onnx_backend import OnnxBackend, OnnxOptions
 from .sampler import ModelFacts, Request, Result, Sampler, StepReport
 from .tokenizer import CLIPTokenizer
 
-BACKENDS = ("onnx", "coreml")
+BACKENDS = ("onnx", "ort", "coreml")  # ort: the bundle's ORT-format models (export --targets ort), run by onnxruntime
 
 
 class MeissonicRuntime:
@@ -30,7 +30,7 @@ class MeissonicRuntime:
         cls, bundle, backend: str = "onnx", variant: str | None = None, onnx_options: OnnxOptions | None = None, verify: bool = True,
         low_memory: bool = False,
     ):  # fmt: skip
-        """`variant`: fp32, fp16, int8, int4 (default: the bundle's base precision). `verify`: check every
+        """`backend`: onnx, ort (the ORT-format models) or coreml. `variant`: fp32, fp16, int8, int4 (default: the bundle's base precision). `verify`: check every
         file against the manifest's sha256 before use. `low_memory`: load each graph for its phase only
         (peak memory of the largest graph instead of all of them; reloads on every generation)."""
         if backend not in BACKENDS:
@@ -40,7 +40,7 @@ class MeissonicRuntime:
 
             require_coremltools()
         manifest = read_manifest(Path(bundle))
-        target = "coreml" if backend == "coreml" else "onnx"
+        target = backend
         if target not in manifest.raw["base_variants"]:
             raise RuntimeInputError(f"this bundle has no {target} graphs (it has {sorted(manifest.raw['base_variants'])}); export with --targets {target}")
         variant = variant or manifest.base_variant(target)
@@ -49,8 +49,8 @@ class MeissonicRuntime:
         tokenizer_files = [p for p in manifest.raw["files"] if p.startswith("tokenizer/")]
         if verify:
             verify_files(manifest, tokenizer_files)
-        if target == "onnx":
-            backend_impl = OnnxBackend(manifest, variant, onnx_options, verify=verify)
+        if target in ("onnx", "ort"):
+            backend_impl = OnnxBackend(manifest, variant, onnx_options, verify=verify, target=target)
         else:
             from .coreml_backend import CoreMLBackend
 

@@ -65,7 +65,7 @@ def check_whole_run_report(report: dict, base: str, variants) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
-    """The golden checkpoint exported once per test run: ONNX, every graph in float32, and the
+    """The golden checkpoint exported once per test run: ONNX (and its ORT-format twins), every graph in float32, and the
     quantized variants (int4 in blocks of 32: the tiny model is only 64 wide). Test workers share one
     copy, read-only: the first to need it exports it under a file lock, the others wait and reuse it
     (the export writes its manifest last, atomically, so a manifest means a complete bundle)."""
@@ -79,7 +79,7 @@ def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
     out = shared / "tiny-bundle"
     with FileLock(str(shared / "tiny-bundle.lock")):
         if not (out / MANIFEST).is_file():
-            options = ExportOptions(resolutions=EXPORT_RESOLUTIONS, quantize=QUANTIZED_VARIANTS, block_size=32, progress=False)
+            options = ExportOptions(targets=("onnx", "ort"), resolutions=EXPORT_RESOLUTIONS, quantize=QUANTIZED_VARIANTS, block_size=32, progress=False)
             export_bundle(golden_checkpoint, out, options)
     return out
 
