@@ -100,8 +100,7 @@ class DenoiseChunk(MeissonicTransformer):
                 values["joint_hidden"] = block(values["joint_hidden"], temb, rotary)
         if self.last:
             x = values["joint_hidden"][:, TEXT_POSITIONS:] if "joint_hidden" in values else values["image_hidden"]
-            logits = self.head(x, h, w)
-            probs = guided_probabilities(logits, values["guidance_scale"], logits.shape[0] // 2)
+            probs = guided_probabilities(self, x, h, w, values["guidance_scale"], x.shape[0] // 2)
             values["sampled_tokens"], values["log_probs"] = draw(probs, values["uniforms"])
         return tuple(values[_stream(name)] for name in self.output_names)
 

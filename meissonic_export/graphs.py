@@ -147,22 +147,28 @@ class DenoiseStepGraph(nn.Module):
         self.transformer = transformer
 
     def probabilities(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale):
-        """-> probs [B, H*W, codebook] after guidance, exactly as the reference pipeline computes them."""
-        logits = self.transformer(torch.cat([tokens, tokens]), encoder_hidden_states, pooled_projections, micro_conds, timestep)
-        return guided_probabilities(logits, guidance_scale, tokens.shape[0])
+        """-> probs [B, H*W, codebook] after guidance: the reference pipeline's, up to float32 rounding."""
+        x, h, w = self.transformer.image_stream(torch.cat([tokens, tokens]), encoder_hidden_states, pooled_projections, micro_conds, timestep)
+        return guided_probabilities(self.transformer, x, h, w, guidance_scale, tokens.shape[0])
 
     def forward(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale, uniforms):
         probs = self.probabilities(tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale)
         return draw(probs, uniforms)
 
 
-def guided_probabilities(logits: torch.Tensor, guidance_scale: torch.Tensor, batch) -> torch.Tensor:
-    """logits [2B, codebook, H, W] of the [negative, positive] rows -> probs [B, H*W, codebook]."""
+def guided_probabilities(transformer, image_stream: torch.Tensor, h: int, w: int, guidance_scale: torch.Tensor, batch) -> torch.Tensor:
+    """image stream [2B, h*w, D] of the [negative, positive] rows -> probs [B, H*W, codebook] after guidance.
+
+    The official pipeline guides the logits: uncond + g (cond - uncond). The codebook head's last 1x1
+    conv is linear (no bias), so guiding its D-wide input and running the conv once on the guided rows
+    gives the same logits up to float32 rounding, at half the conv's cost (the largest single op of a
+    step: 24-31% of it on the small preset) and without the codebook-wide guidance arithmetic."""
+    features = transformer.head_features(image_stream, h, w)
     # Slicing by the batch (not chunk(2)) keeps the batch symbolic when traced.
-    uncond, cond = logits[:batch], logits[batch:]
+    uncond, cond = features[:batch], features[batch:]
     # The official pipeline skips guidance at scale <= 1 and uses the conditional logits alone.
-    logits = torch.where(guidance_scale > 1, uncond + guidance_scale * (cond - uncond), cond)
-    return logits.flatten(2).transpose(1, 2).softmax(dim=-1)
+    features = torch.where(guidance_scale > 1, uncond + guidance_scale * (cond - uncond), cond)
+    return transformer.mlm_layer.conv2(features).flatten(2).transpose(1, 2).softmax(dim=-1)
 
 
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

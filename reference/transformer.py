@@ -311,16 +311,14 @@ class ResampleBlock(nn.Module):
 
 
 class MlmHead(nn.Module):
-    """aMUSEd's ConvMlmLayer: 1x1 conv -> channel RMSNorm -> 1x1 conv to codebook logits."""
+    """aMUSEd's ConvMlmLayer: 1x1 conv -> channel RMSNorm -> 1x1 conv to codebook logits, run by
+    `MeissonicTransformer.head` in two parts (`head_features`, then `conv2`)."""
 
     def __init__(self, dim: int, codebook_size: int):
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
         self.layer_norm = ChannelRMSNorm(dim)
         self.conv2 = nn.Conv2d(dim, codebook_size, kernel_size=1, bias=False)
-
-    def forward(self, x):
-        return self.conv2(self.layer_norm(self.conv1(x)))
 
 
 class MeissonicTransformer(nn.Module):
@@ -353,6 +351,11 @@ class MeissonicTransformer(nn.Module):
         micro_conds: torch.Tensor,  # [B,5] width, height, crop_x, crop_y, aesthetic score
         timestep: torch.Tensor,  # [1] or [B]: the step index N-1 .. 0, scaled by 1000 here as in the official model
     ) -> torch.Tensor:  # [B, codebook_size, H, W]
+        x, h, w = self.image_stream(tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep)
+        return self.head(x, h, w)
+
+    def image_stream(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep):
+        """-> the image stream after the last block [B,h*w,D] and the compressed grid (h, w)."""
         x, context, temb, (h, w) = self.embed_inputs(tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep)
         rotary = self.rotary(h, w, x.device)
         for block in self.transformer_blocks:
@@ -360,7 +363,7 @@ class MeissonicTransformer(nn.Module):
         x = torch.cat([context, x], dim=1)
         for block in self.single_transformer_blocks:
             x = block(x, temb, rotary)
-        return self.head(x[:, TEXT_POSITIONS:], h, w)
+        return x[:, TEXT_POSITIONS:], h, w
 
     # forward in three parts, so a model cut between blocks (the Core ML chunks) runs the same code
 
@@ -385,8 +388,13 @@ class MeissonicTransformer(nn.Module):
 
     def head(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """image stream [B,h*w,D] -> logits [B, codebook_size, H, W]."""
+        return self.mlm_layer.conv2(self.head_features(x, h, w))
+
+    def head_features(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """image stream [B,h*w,D] -> the input of the codebook head's last 1x1 conv [B, D, H, W]. That conv
+        has no bias, so it is linear: guidance may mix these D-wide features instead of the logits."""
         x = self.project_from_hidden(self.project_from_hidden_norm(x))
         x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
         if self.config.downsample:
             x = self.up_block(x)
-        return self.mlm_layer(x)
+        return self.mlm_layer.layer_norm(self.mlm_layer.conv1(x))
