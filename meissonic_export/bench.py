@@ -1,9 +1,10 @@
 """Latency, memory and size of every variant against the PyTorch reference, measured in one run.
 
-Every figure is a median over repeated timings after warm-up, with the spread (25th-75th percentile);
-every ratio is against the PyTorch reference (float32, eager) timed in the same run, on the same
-inputs, with the same thread count. Peak memory is the resident set of a separate generation process
-per variant. Results: JSON for machines, a Markdown table for people, and PNG plots.
+Absolute times on shared machines drift by up to 3x between runs, so every speed-up is measured in
+pairs: the reference and the candidate run back to back (A B A B ..., the candidates' order rotated
+each round), each pair gives one ratio, and the table reports the median ratio with its spread (25th to
+75th percentile over the pairs), then the milliseconds. Peak memory is the resident set of a separate
+generation process per variant. Results: JSON for machines, a Markdown table for people, PNG plots.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from runtimes.onnx_backend import OnnxGraph, OnnxOptions
 
-from .graphs import GRAPHS, ModelInfo
+from .graphs import GRAPHS, ModelInfo, draw
 
 
 @dataclass
@@ -48,36 +50,57 @@ class BenchOptions:
         return OnnxOptions(intra_op_threads=self.threads, optimization="all", memory_arena=True)
 
 
+def _ms(function) -> float:
+    started = time.perf_counter()
+    function()
+    return (time.perf_counter() - started) * 1000
+
+
 @dataclass
-class Timing:
-    median_ms: float
-    p25_ms: float
-    p75_ms: float
-    runs: int
+class Ratio:
+    """A candidate's speed-up over the reference from interleaved pairs: pair i is the reference's time
+    and the candidate's, measured back to back; its ratio is their quotient (above 1: faster)."""
+
+    median: float
+    p25: float
+    p75: float
+    pairs: int
+    reference_ms: float  # medians of each side over the pairs
+    candidate_ms: float
 
     @classmethod
-    def of(cls, function, repeats: int, warmup: int) -> Timing:
-        for _ in range(warmup):
-            function()
-        samples = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            function()
-            samples.append((time.perf_counter() - started) * 1000)
-        return cls(*(round(float(np.percentile(samples, q)), 2) for q in (50, 25, 75)), repeats)
+    def of(cls, pairs: list[tuple[float, float]]) -> Ratio:
+        reference, candidate = np.array(pairs).T
+        ratios = reference / candidate
+        return cls(*(round(float(np.percentile(ratios, q)), 3) for q in (50, 25, 75)), len(pairs),
+                   round(float(np.median(reference)), 2), round(float(np.median(candidate)), 2))  # fmt: skip
+
+
+def interleaved(reference, candidates: dict[str, object], pairs: int, warmup: int) -> dict[str, Ratio]:
+    """Time `reference` and each candidate alternately, `pairs` rounds; each round rotates the order of
+    the candidates, so none always runs first after a (possibly cache-cold) reference run."""
+    for _ in range(warmup):
+        reference()
+        for run in candidates.values():
+            run()
+    names, measured = list(candidates), {name: [] for name in candidates}
+    for round_ in range(pairs):
+        shift = round_ % max(1, len(names))
+        for name in names[shift:] + names[:shift]:
+            measured[name].append((_ms(reference), _ms(candidates[name])))
+    return {name: Ratio.of(samples) for name, samples in measured.items()}
 
 
 @dataclass
 class Results:
     machine: dict
     settings: dict
-    step: dict = field(default_factory=dict)  # variant -> Timing (denoise step at `grid`)
-    image: dict = field(default_factory=dict)  # variant -> Timing (text + steps + decode)
+    step: dict = field(default_factory=dict)  # token grid -> variant -> Ratio of one denoise step against PyTorch
+    image: dict = field(default_factory=dict)  # variant -> Ratio of a whole image (text + steps + decode)
     peak_rss_mb: dict = field(default_factory=dict)  # variant -> MB of a generation process
     sizes_mb: dict = field(default_factory=dict)  # variant -> graph -> MB
     quality: dict = field(default_factory=dict)  # variant -> logit SQNR (dB) from the manifest
-    scaling: dict = field(default_factory=dict)  # grid -> variant -> Timing
-    one_b: dict = field(default_factory=dict)  # variant -> Timing of one 1B step
+    one_b: dict = field(default_factory=dict)  # variant -> Ratio of one 1B step, and the grid
     profile: dict = field(default_factory=dict)  # variant -> op type -> ms per step at `grid`
 
 
@@ -99,23 +122,31 @@ def _step_inputs(info: ModelInfo, grid: int) -> dict[str, np.ndarray]:
     return GRAPHS["denoise_step"].sample(info, {"batch": 1, "height": grid, "width": grid}, np.random.default_rng(0))
 
 
-def _time_step(run, inputs, options: BenchOptions) -> Timing:
-    return Timing.of(lambda: run(inputs), options.repeats, options.warmup)
+def _step_ratios(torch_step, graphs: dict, inputs: dict[str, np.ndarray], options: BenchOptions) -> dict[str, Ratio]:
+    """One denoise step of each onnxruntime graph, interleaved with PyTorch's on the same inputs."""
+    return interleaved(partial(torch_step, inputs), {v: partial(graph, inputs) for v, graph in graphs.items()}, options.repeats, options.warmup)
 
 
-def _torch_step(module):
-    names = GRAPHS["denoise_step"].input_names()
+def _torch_step(transformer):
+    """A step as the reference pipeline computes it, in eager PyTorch: the transformer on the [negative,
+    positive] rows, guidance on the logits, softmax and the inverse-CDF draw. (The exported graph guides
+    the codebook head's input instead; the benchmark measures that against the official arithmetic.)"""
 
     def run(inputs):
         with torch.no_grad():
-            module(*(torch.from_numpy(inputs[n]) for n in names))
+            tensor = {name: torch.from_numpy(value) for name, value in inputs.items()}
+            tokens, scale = tensor["tokens"], float(inputs["guidance_scale"][0])
+            rows = (torch.cat([tokens, tokens]), tensor["encoder_hidden_states"], tensor["pooled_projections"], tensor["micro_conds"], tensor["timestep"])
+            uncond, cond = transformer(*rows).chunk(2)
+            logits = uncond + scale * (cond - uncond) if scale > 1 else cond
+            draw(logits.flatten(2).transpose(1, 2).softmax(dim=-1), tensor["uniforms"])
 
     return run
 
 
-def _profile_torch(module, inputs, runs: int) -> dict[str, float]:
+def _profile_torch(transformer, inputs, runs: int) -> dict[str, float]:
     """Self CPU time per aten op, ms per step."""
-    run = _torch_step(module)
+    run = _torch_step(transformer)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         for _ in range(runs):
             run(inputs)
@@ -171,33 +202,31 @@ def run_bench(options: BenchOptions) -> Results:
         info = ModelInfo.from_components(components)
 
         for graph in manifest.graphs:
+            if graph.target != "onnx":
+                continue
             results.sizes_mb.setdefault(graph.variant, {})[graph.name] = round(graph.raw["bytes"] / 1e6, 2)
             sqnr = [case["outputs"]["logits"]["sqnr_db"] for case in graph.raw["parity"] if "logits" in case["outputs"]]
             if sqnr:  # worst case over the export's validation inputs
                 results.quality[graph.variant] = min(math.inf if v == "inf" else v for v in sqnr)
 
-        work = len(variants) + 1
-        bar = tqdm(total=2 * work + len(options.scaling_grids) * work, disable=not options.progress, desc="bench")
-        step_module = GRAPHS["denoise_step"].build(components)
+        grids = list(dict.fromkeys([options.grid, *options.scaling_grids]))
+        bar = tqdm(total=len(grids) + 2, disable=not options.progress, desc="bench")
+        transformer = components["transformer"]
         reference = MeissonicPipeline.from_pretrained(checkpoint)
-        generate = {"height": size, "width": size, "num_inference_steps": options.steps, "progress": False}
+        runtimes = {v: MeissonicRuntime.from_bundle(bundle, variant=v, onnx_options=options.onnx_options()) for v in variants}
 
-        # 1. one denoising step and 2. one whole image, reference first
-        inputs = _step_inputs(info, options.grid)
-        results.step["pytorch"] = _time_step(_torch_step(step_module), inputs, options)
-        bar.update()
-        results.image["pytorch"] = Timing.of(lambda: reference("a cat", noise=UniformNoise.from_seed(0), **generate), max(1, options.repeats // 2), options.warmup)
-        bar.update()
-        for variant in variants:
-            runtime = MeissonicRuntime.from_bundle(bundle, variant=variant, onnx_options=options.onnx_options())
-            results.step[variant] = _time_step(runtime.backend.graph("denoise_step"), inputs, options)
+        # 1. one denoising step at each token grid (the export is dynamic in the grid), every variant against PyTorch
+        step_graphs = {v: runtimes[v].backend.graph("denoise_step") for v in variants}
+        for grid in grids:
+            results.step[grid] = _step_ratios(_torch_step(transformer), step_graphs, _step_inputs(info, grid), options)
             bar.update()
-            results.image[variant] = Timing.of(
-                lambda runtime=runtime: runtime.generate("a cat", steps=options.steps, width=size, height=size, seed=0, progress=False),
-                max(1, options.repeats // 2),
-                options.warmup,
-            )
-            bar.update()
+
+        # 2. one whole image (text encoding, the steps, decoding), same prompt and seed
+        generate = {"height": size, "width": size, "num_inference_steps": options.steps, "progress": False}
+        images = {v: (lambda r=runtimes[v]: r.generate("a cat", steps=options.steps, width=size, height=size, seed=0, progress=False)) for v in variants}
+        results.image = interleaved(lambda: reference("a cat", noise=UniformNoise.from_seed(0), **generate), images, options.repeats, options.warmup)
+        bar.update()
+        del runtimes, step_graphs
 
         # 3. peak memory of a whole generation, each in its own process
         results.peak_rss_mb["pytorch"] = _peak_rss([sys.executable, "-m", "meissonic_export.cli", "reference", str(checkpoint), "a cat", "--size", str(size), "--steps", str(options.steps), "--out", str(scratch / "ref.png")])
@@ -206,27 +235,19 @@ def run_bench(options: BenchOptions) -> Results:
                 [sys.executable, "-m", "runtimes.cli", str(bundle), "a cat", "--size", str(size), "--steps", str(options.steps), "--variant", variant,
                  "--threads", str(options.threads), "--no-progress", "--out", str(scratch / f"{variant}.png")]
             )  # fmt: skip
-
-        # 4. step latency against the token grid (the export is dynamic in the grid)
-        for grid in options.scaling_grids:
-            grid_inputs = _step_inputs(info, grid)
-            results.scaling[grid] = {"pytorch": _time_step(_torch_step(step_module), grid_inputs, options)}
-            bar.update()
-            for variant in variants:
-                entry = manifest.find("denoise_step", "onnx", variant)
-                results.scaling[grid][variant] = _time_step(OnnxGraph(bundle / entry.path, options.onnx_options()), grid_inputs, options)
-                bar.update()
+        bar.update()
         bar.close()
 
-        # 5. where a step's time goes: op types by time, PyTorch and every variant, at `grid`
-        results.profile["pytorch"] = _profile_torch(step_module, inputs, options.repeats)
+        # 4. where a step's time goes: op types by time, PyTorch and every variant, at `grid`
+        inputs = _step_inputs(info, options.grid)
+        results.profile["pytorch"] = _profile_torch(transformer, inputs, options.repeats)
         for variant in variants:
             entry = manifest.find("denoise_step", "onnx", variant)
             results.profile[variant] = _profile_onnx(bundle / entry.path, inputs, options, scratch, options.repeats)
 
-        # 6. one step of the released 1B configuration at the smallest grid
+        # 5. one step of the released 1B configuration at `grid` (512 px by default: where users run it)
         if options.with_1b:
-            results.one_b = _one_step_1b(min(options.scaling_grids), options, scratch)
+            results.one_b = _one_step_1b(options.grid, options, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         torch.set_num_threads(threads)
@@ -250,7 +271,7 @@ def _peak_rss(command: list[str]) -> float:
 
 
 def _one_step_1b(grid: int, options: BenchOptions, scratch: Path) -> dict:
-    """Random-weight 1B transformer: one denoise step in PyTorch, and in onnxruntime float32 and int4."""
+    """Random-weight 1B transformer: one denoise step in PyTorch, and in onnxruntime float32, int8 and int4."""
     from quantize.onnx_quant import quantize_graph
     from quantize.recipe import Recipe, quantizable_layers
     from reference.presets import PRESETS
@@ -266,63 +287,68 @@ def _one_step_1b(grid: int, options: BenchOptions, scratch: Path) -> dict:
     module = spec.build({"transformer": transformer})
     info = ModelInfo.from_transformer(config)
     inputs = _step_inputs(info, grid)
-    timings = {"pytorch": _time_step(_torch_step(module), inputs, options)}
     path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), scratch / "1b" / "fp32", spec.shapes(info))
-    timings["fp32"] = _time_step(OnnxGraph(path, options.onnx_options()), inputs, options)
-    recipe = Recipe.load("int4")
-    int4, _ = quantize_graph(path, scratch / "1b" / "int4", spec.weights_prefix, recipe.plan(quantizable_layers(transformer)), recipe)
-    shutil.rmtree(path.parent)
-    timings["int4"] = _time_step(OnnxGraph(int4, options.onnx_options()), inputs, options)
-    timings["int4_bytes"] = sum(f.stat().st_size for f in int4.parent.iterdir())
-    timings["grid"] = grid
-    return timings
+    paths = {"fp32": path}
+    for variant in ("int8", "int4"):
+        recipe = Recipe.load(variant)
+        paths[variant], _ = quantize_graph(path, scratch / "1b" / variant, spec.weights_prefix, recipe.plan(quantizable_layers(transformer)), recipe)
+    graphs = {variant: OnnxGraph(p, options.onnx_options()) for variant, p in paths.items()}
+    ratios = _step_ratios(_torch_step(transformer), graphs, inputs, options)
+    sizes = {f"{variant}_bytes": sum(f.stat().st_size for f in p.parent.iterdir()) for variant, p in paths.items()}
+    return {**ratios, **sizes, "grid": grid}
+
+
+def _ratio(r: Ratio) -> str:
+    return f"{r.median:.2f}x ({r.p25:.2f}-{r.p75:.2f})"
 
 
 def markdown(results: Results) -> str:
     m, s = results.machine, results.settings
-    ref_step, ref_image = results.step["pytorch"].median_ms, results.image["pytorch"].median_ms
+    grid = int(s["grid"])
+    step = results.step[grid]
     lines = [
         (
             f"Machine: {m['processor']}, {m['cpu_count']} cores, {m['platform']}; torch {m['torch']} ({m['torch_cpu_capability']}), "
-            f"onnxruntime {m['onnxruntime']}; {s['threads']} threads, graph optimization 'all', memory arena on; "
-            f"median of {s['repeats']} runs after {s['warmup']} warm-up, spread = 25th-75th percentile."
+            f"onnxruntime {m['onnxruntime']}; {s['threads']} threads, graph optimization 'all', memory arena on. "
+            f"Speed-ups against PyTorch float32 from {s['repeats']} interleaved pairs after {s['warmup']} warm-up: "
+            "median ratio (25th-75th percentile over the pairs), then each side's median milliseconds."
         ),
         "",
-        f"| variant | step ms ({s['grid']}x{s['grid']} tokens) | step speed-up vs PyTorch | image ms ({s['steps']} steps) | image speed-up | peak RSS MB | denoise_step MB | all graphs MB | logit SQNR dB |",
+        f"| variant | step speed-up ({grid}x{grid} tokens) | step ms (PyTorch ms) | image speed-up ({s['steps']} steps) | image ms (PyTorch ms) | peak RSS MB | denoise_step MB | all graphs MB | logit SQNR dB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| pytorch | 1 | | 1 | | {_cell(results.peak_rss_mb.get('pytorch'), '.0f')} | | | |",
     ]
-    for variant, step in results.step.items():
+    for variant, ratio in step.items():
         image = results.image[variant]
         sizes = results.sizes_mb.get(variant, {})
-        base = results.sizes_mb.get("fp32", {})
-        total = sum({**base, **sizes}.values()) if sizes else None
+        total = sum({**results.sizes_mb.get("fp32", {}), **sizes}.values()) if sizes else None
         quality = results.quality.get(variant)
         lines.append(
-            f"| {variant} | {step.median_ms:.1f} ({step.p25_ms:.1f}-{step.p75_ms:.1f}) | {ref_step / step.median_ms:.2f}x | "
-            f"{image.median_ms:.0f} ({image.p25_ms:.0f}-{image.p75_ms:.0f}) | {ref_image / image.median_ms:.2f}x | {_cell(results.peak_rss_mb.get(variant), '.0f')} | "
+            f"| {variant} | {_ratio(ratio)} | {ratio.candidate_ms:.1f} ({ratio.reference_ms:.1f}) | {_ratio(image)} | "
+            f"{image.candidate_ms:.0f} ({image.reference_ms:.0f}) | {_cell(results.peak_rss_mb.get(variant), '.0f')} | "
             f"{_cell(sizes.get('denoise_step'), '.1f')} | {'' if total is None else f'{total:.1f}'} | {'' if quality is None else f'{quality:.1f}'} |"
         )
-    lines += ["", "Step latency against the token grid (ms, median; speed-up vs PyTorch in brackets):", ""]
-    columns = list(next(iter(results.scaling.values())).keys()) if results.scaling else []
-    lines += ["| grid | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for grid, timings in results.scaling.items():
-        ref = timings["pytorch"].median_ms
-        lines.append(f"| {grid}x{grid} | " + " | ".join(f"{t.median_ms:.1f} ({ref / t.median_ms:.2f}x)" for t in timings.values()) + " |")
+    lines += ["", "One step against the token grid: speed-up over PyTorch (spread), then ms:", ""]
+    columns = list(step)
+    lines += ["| grid | PyTorch ms | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for g, ratios in sorted(results.step.items()):
+        reference_ms = np.median([r.reference_ms for r in ratios.values()])
+        lines.append(f"| {g}x{g} | {reference_ms:.1f} | " + " | ".join(f"{_ratio(r)}, {r.candidate_ms:.1f}" for r in ratios.values()) + " |")
     if results.profile:
-        lines += ["", f"Where a step's time goes ({s['grid']}x{s['grid']} tokens; op types by time per step, profiler overhead included):", ""]
+        lines += ["", f"Where a step's time goes ({grid}x{grid} tokens; op types by time per step, profiler overhead included):", ""]
         lines += ["| variant | op types, ms per step (share) |", "|---|---|"]
         for variant, per_op in results.profile.items():
             total = sum(per_op.values())
             lines.append(f"| {variant} | " + ", ".join(f"{op} {ms:.1f} ({ms / total:.0%})" for op, ms in per_op.items()) + " |")
     if results.one_b:
         one = results.one_b
-        ref = one["pytorch"].median_ms
         lines += [
             "",
             (
-                f"Released 1B configuration (random weights), one denoise step at {one['grid']}x{one['grid']} tokens: PyTorch "
-                f"{ref:.0f} ms, onnxruntime fp32 {one['fp32'].median_ms:.0f} ms ({ref / one['fp32'].median_ms:.2f}x), "
-                f"int4 {one['int4'].median_ms:.0f} ms ({ref / one['int4'].median_ms:.2f}x, {one['int4_bytes'] / 1e6:.0f} MB)."
+                f"Released 1B configuration (random weights), one denoise step at {one['grid']}x{one['grid']} tokens, interleaved with "
+                f"PyTorch ({one['fp32'].reference_ms:.0f} ms): "
+                + "; ".join(f"onnxruntime {v} {_ratio(one[v])}, {one[v].candidate_ms:.0f} ms, {one[f'{v}_bytes'] / 1e6:.0f} MB" for v in ("fp32", "int8", "int4"))
+                + "."
             ),
         ]
     return "\n".join(lines)
@@ -340,15 +366,17 @@ def plots(results: Results, out: Path) -> list[Path]:
 
     paths = [out / "latency_vs_grid.png", out / "size_vs_quality.png"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    grids = list(results.scaling)
-    for variant in next(iter(results.scaling.values())):
-        ax.plot([g * g for g in grids], [results.scaling[g][variant].median_ms for g in grids], marker="o", label=variant)
+    grids = sorted(results.step)
+    reference = [np.median([r.reference_ms for r in results.step[g].values()]) for g in grids]
+    ax.plot([g * g for g in grids], reference, marker="o", label="pytorch")
+    for variant in results.step[grids[0]]:
+        ax.plot([g * g for g in grids], [results.step[g][variant].candidate_ms for g in grids], marker="o", label=variant)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks([g * g for g in grids], [f"{g}x{g}" for g in grids])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # log-scale minor labels overlap the grids
     ax.set_xlabel("token grid")
-    ax.set_ylabel("denoise step latency (ms, median)")
+    ax.set_ylabel("denoise step latency (ms, median of the pairs)")
     ax.set_title("Step latency against the token grid")
     ax.legend()
     fig.tight_layout()

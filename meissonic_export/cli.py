@@ -191,12 +191,16 @@ def _sensitivity(args) -> None:
 
 
 def _bench(args) -> None:
+    for option, value, low, high in (("--repeats", args.repeats, 1, 1000), ("--warmup", args.warmup, 0, 100), ("--threads", args.threads, 1, 256),
+                                      ("--grid", args.grid, 1, 128), ("--steps", args.steps, 1, 1000)):  # fmt: skip
+        check_int(option, value, low, high)
     from .bench import BenchOptions, markdown, run_bench, write
 
     options = BenchOptions(
         preset=args.preset, checkpoint=args.checkpoint, bundle=args.bundle, variants=names(args.variants), grid=args.grid,
         scaling_grids=tuple(int(g) for g in names(args.scaling_grids)), steps=args.steps, repeats=args.repeats,
         warmup=args.warmup, threads=args.threads, with_1b=not args.no_1b, out=args.out, block_size=args.block_size,
+        progress=not args.no_progress,
     )  # fmt: skip
     if args.bundle is not None and args.checkpoint is None:
         raise UsageError("--bundle needs the --checkpoint it was exported from (the PyTorch reference runs on it)")
@@ -332,24 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench = add(
         "bench",
         help="latency, memory and size of every variant against the PyTorch reference",
-        description="Benchmark, in one run: per-step and whole-image latency of the PyTorch reference and of every "
-        "onnxruntime variant (with ratios to the reference), peak memory of a generation process per variant, graph "
-        "sizes, step latency against the token grid, and one step of the released 1B configuration. Writes "
-        "bench.json, bench.md and PNG plots. The defaults take about 6 minutes on 2 cores.",
+        description="Benchmark, in one run: the speed-up of every onnxruntime variant over the PyTorch reference for one "
+        "step (at each token grid) and for a whole image, each measured in interleaved pairs (reference, variant, reference, "
+        "...; the table gives the median ratio and its spread over the pairs, then milliseconds), peak memory of a "
+        "generation process per variant, graph sizes, where a step's time goes, and one step of the released 1B "
+        "configuration. Writes bench.json, bench.md and PNG plots.",
     )
     bench.add_argument("--preset", choices=PRESET_NAMES, default="small", help="model to benchmark when no --checkpoint is given (default: small)")
     bench.add_argument("--checkpoint", type=Path, default=None, help="benchmark this checkpoint instead of a preset")
     bench.add_argument("--bundle", type=Path, default=None, help="an existing bundle of --checkpoint (skips the export)")
     bench.add_argument("--variants", default="fp32,fp16,int8,int4", help="onnxruntime variants (default: fp32,fp16,int8,int4)")
     bench.add_argument("--grid", type=int, default=32, help="token grid of the step and image timings (default: 32 = 512 px)")
-    bench.add_argument("--scaling-grids", default="16,32,64", help="token grids of the scaling measurement (default: 16,32,64)")
+    bench.add_argument("--scaling-grids", default="16,32,64", help="more token grids to time one step at (default: 16,32,64)")
     bench.add_argument("--steps", type=int, default=8, help="denoising steps of the whole-image timing (default: 8)")
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: 5)")
+    bench.add_argument("--repeats", type=int, default=5, help="interleaved pairs (PyTorch run, variant run) per measurement; each pair gives one ratio (default: 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
     bench.add_argument("--threads", type=int, default=2, help="threads for PyTorch and onnxruntime (default: 2)")
     bench.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the recipe's)")
     bench.add_argument("--no-1b", action="store_true", help="skip the one-step measurement of the 1B configuration")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json, bench.md and plots")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
     return parser
 

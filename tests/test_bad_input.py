@@ -101,6 +101,9 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("export", ["port-kit", "GOLDEN", "--out", "k"], "manifest.json: missing"),
         ("export", ["port-kit", bundle, "--out", "mydocs", "--overwrite"], "not a port kit written by meissonic-export"),
         ("export", ["port-kit", bundle, "--out", "mydocs"], "already exists (pass --overwrite"),
+        # bench
+        ("export", ["bench", "--repeats", "0"], "--repeats"),
+        ("export", ["bench", "--grid", "0"], "--grid"),
         # meissonic-generate
         ("generate", ["missing", "a cat"], "missing: bundle folder not found"),
         ("generate", ["mydocs", "a cat"], "manifest.json: missing"),

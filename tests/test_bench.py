@@ -11,14 +11,16 @@ from .conftest import QUANTIZED_VARIANTS
 
 def test_bench_smoke(tiny_bundle, golden_checkpoint, tmp_path):
     options = BenchOptions(
-        checkpoint=golden_checkpoint, bundle=tiny_bundle, grid=32, scaling_grids=(8, 16), steps=2, repeats=1, warmup=0,
+        checkpoint=golden_checkpoint, bundle=tiny_bundle, grid=32, scaling_grids=(8, 16), steps=2, repeats=3, warmup=0,
         with_1b=False, out=tmp_path, progress=False,
     )  # fmt: skip
     results = run_bench(options)
     variants = ["fp32", *QUANTIZED_VARIANTS]
-    assert list(results.step) == ["pytorch", *variants] and list(results.image) == ["pytorch", *variants]
+    assert list(results.step) == [32, 8, 16] and all(list(ratios) == variants for ratios in results.step.values())
+    assert list(results.image) == variants and all(r.pairs == 3 for r in results.image.values())
+    for ratio in [*results.image.values(), *(r for ratios in results.step.values() for r in ratios.values())]:
+        assert ratio.p25 <= ratio.median <= ratio.p75 and ratio.reference_ms > 0 and ratio.candidate_ms > 0
     assert set(results.peak_rss_mb) == {"pytorch", *variants} and all(mb > 50 for mb in results.peak_rss_mb.values())
-    assert set(results.scaling) == {8, 16} and all(set(t) == {"pytorch", *variants} for t in results.scaling.values())
     assert results.sizes_mb["int4"]["denoise_step"] < results.sizes_mb["fp32"]["denoise_step"]
     assert results.quality["int8"] > 30
     # The profile names what ran: attention and the linear layers as MatMul in every ONNX variant.
