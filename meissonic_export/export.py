@@ -31,7 +31,7 @@ from reference.checkpoint import COMPONENTS, load_component, read_config
 from reference.pipeline import load_scheduler, load_tokenizer
 from runtimes.bundle import FORMAT_VERSION, MANIFEST, GraphEntry, sha256_file
 from runtimes.coreml_backend import CoreMLGraph
-from runtimes.onnx_backend import OnnxGraph
+from runtimes.onnx_backend import OnnxGraph, PhoneGraph
 
 from .evaluate import MAX_ACCURACY_LOSS_POINTS, accuracy_gate, evaluate_bundle
 from .graphs import GRAPHS, GraphSpec, ModelInfo
@@ -46,7 +46,15 @@ from .options import (
     default_resolutions,
     read_generation_config,
 )
-from .ort_format import OPERATORS_CONFIG, convert_to_ort, mobile_usability, too_large_for_ort, write_operators_config
+from .ort_format import (
+    OPERATORS_CONFIG,
+    PHONE_GRAPHS,
+    convert_to_ort,
+    mobile_usability,
+    phone_graph,
+    too_large_for_ort,
+    write_operators_config,
+)
 from .validate import BUDGETS, reference_outputs, sqnr_db, validate
 
 
@@ -88,7 +96,7 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
             entries += export(spec, module, info, cases, staging, options, recipes, bar)
             bar.update()
         if "ort" in options.targets:
-            write_operators_config([staging / e["path"] for e in entries if e["target"] == "ort"], staging)
+            write_operators_config([staging / e["path"] for e in entries if e["target"] in ("ort", "phone")], staging)
         manifest = _manifest(checkpoint, components, tokenizer, scheduler, info, options, entries, staging)
         if "ort" in options.targets:
             manifest["ort"] = {
@@ -215,7 +223,7 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging:
             **({"quantization": quantization} if quantization else {}),
         })  # fmt: skip
         if "ort" in options.targets:
-            entries += _ort_entry(spec, module, entries[-1], cases, staging, variant, bar)
+            entries += _ort_entries(spec, module, info, entries[-1], cases, staging, options, bar)
     if "fp32" not in variants:
         shutil.rmtree(fp32_dir)  # the float32 export was only the source of the variants
         if not any(fp32_dir.parent.iterdir()):
@@ -223,27 +231,49 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging:
     return entries
 
 
-def _ort_entry(spec: GraphSpec, module, onnx_entry: dict, cases, staging: Path, variant: str, bar) -> list[dict]:
-    """The ORT-format twin of an exported ONNX graph, validated like every graph. A graph over the
-    format's 2 GB limit gets none; its ONNX entry says why (`ort_skipped`)."""
+def _ort_entries(spec: GraphSpec, module, info: ModelInfo, onnx_entry: dict, cases, staging: Path, options: ExportOptions, bar) -> list[dict]:
+    """The ORT-format twin of an exported ONNX graph and, for the graphs an app runs, its fixed-shape
+    phone graphs (batch 1, one per resolution), each validated like every graph and described with the
+    mobile usability checker's figures. A graph over the format's 2 GB limit gets none; its ONNX entry
+    says why (`ort_skipped`)."""
+    variant = onnx_entry["variant"]
     reason = too_large_for_ort([staging / f for f in onnx_entry["files"]])
     if reason is not None:
         onnx_entry["ort_skipped"] = reason
         return []
+    source = staging / onnx_entry["path"]
     bar.set_postfix_str(f"ORT format {variant}")
-    try:
-        path = convert_to_ort(staging / onnx_entry["path"])
-    except RuntimeError as error:
-        raise ExportError(f"{spec.name} ({variant}): {error}") from None
+    path = _converted(spec, variant, source)
     bar.set_postfix_str(f"validating ORT {variant}")
     parity = run_validation(spec, module, OnnxGraph(path), cases, variant)
-    bar.set_postfix_str(f"mobile usability {variant}")
-    usability = mobile_usability(staging / onnx_entry["path"])
     relative = _relative(path, staging)
-    return [{
-        **onnx_entry, "target": "ort", "path": relative, "files": [relative], "bytes": path.stat().st_size, "parity": parity,
-        "mobile_usability": usability,
-    }]  # fmt: skip
+    entries = [{**onnx_entry, "target": "ort", "path": relative, "files": [relative], "bytes": path.stat().st_size, "parity": parity,
+                "mobile_usability": mobile_usability(source)}]  # fmt: skip
+    if spec.name not in PHONE_GRAPHS:
+        return entries
+    f = info.vae_scale_factor
+    for size in options.resolutions if "height" in spec.dims else [None]:
+        dims = {"batch": 1} if size is None else {"batch": 1, "height": size[1] // f, "width": size[0] // f}
+        bar.set_postfix_str(f"phone graph {variant}" + (f" {size[0]}x{size[1]}" if size else ""))
+        phone_onnx = phone_graph(source, source.parent / ("phone" if size is None else f"phone-{size[0]}x{size[1]}"), dims)
+        phone = _converted(spec, variant, phone_onnx)
+        files = [_relative(p, staging) for p in (phone, phone_onnx)]
+        entry = {
+            **onnx_entry, "target": "phone", "path": files[0], "files": files, "bytes": phone.stat().st_size,
+            **({"resolution": list(size)} if size else {}), "static_shapes": dims, "mobile_usability": mobile_usability(phone_onnx),
+        }  # fmt: skip
+        graph = PhoneGraph(staging, [GraphEntry(spec.name, "phone", variant, entry["path"], entry)])
+        own = [c for c in cases if c.label.get("resolution") == (list(size) if size else None)]
+        entry["parity"] = run_validation(spec, module, graph, own, f"phone {variant}", BUDGETS[variant])
+        entries.append(entry)
+    return entries
+
+
+def _converted(spec: GraphSpec, variant: str, onnx_path: Path) -> Path:
+    try:
+        return convert_to_ort(onnx_path)
+    except RuntimeError as error:
+        raise ExportError(f"{spec.name} ({variant}): {error}") from None
 
 
 def _quantization_report(recipe, bits: dict[str, int], computed: dict, weights: torch.nn.Module, folded: list[str]) -> dict:
@@ -392,7 +422,7 @@ def _manifest(checkpoint, components, tokenizer, scheduler, info: ModelInfo, opt
             "defaults": {**OFFICIAL_DEFAULTS, **read_generation_config(checkpoint)},
         },
         "resolutions": [list(r) for r in options.resolutions],
-        "base_variants": {target: options.dtype if target in ("onnx", "ort") else "fp16" for target in options.targets},
+        "base_variants": {target: "fp16" if target == "coreml" else options.dtype for target in dict.fromkeys(e["target"] for e in entries)},
         "graphs": entries,
         "files": {_relative(p, staging): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
     }

@@ -36,7 +36,7 @@ def sampling_quality(root, manifest: dict, steps: int) -> dict:
     tokenizer = CLIPTokenizer(root / "tokenizer")
     report = {"prompt": PROMPT, "seed": SEED, "steps": steps, "resolution": [width, height]}
     for target in manifest["base_variants"]:
-        if target == "ort":  # the ONNX graphs in another file format, each validated like them: the onnx row stands for both
+        if target in ("ort", "phone"):  # the ONNX graphs in another file format or fixed shapes, each validated like them: the onnx row stands for them
             continue
         if not needed <= {g.name for g in view.graphs if g.target == target}:
             report[target] = {"skipped": f"needs the graphs {sorted(needed)}"}

@@ -33,14 +33,14 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 @dataclass
 class GraphEntry:
     name: str
-    target: str  # "onnx", "ort" (the ONNX graphs as ORT-format models) or "coreml"
+    target: str  # "onnx", "ort" (the ONNX graphs as ORT-format models), "phone" (fixed-shape ORT graphs) or "coreml"
     variant: str  # "fp32", "fp16", "int8", "int4", ...
     path: str  # relative to the bundle
     raw: dict
 
     @property
     def resolutions(self) -> list[tuple[int, int]] | None:
-        """Static-shape targets (Core ML) hold one model per resolution; None means any validated size."""
+        """Static-shape targets (Core ML, phone) hold one model per resolution; None means any validated size."""
         sizes = self.raw.get("resolution")
         return None if sizes is None else [tuple(sizes)]
 

@@ -17,6 +17,7 @@ from .bundle import BundleError, GraphEntry, verify_files
 from .limits import RuntimeInputError
 from .quiet import quiet
 from .sampler import Backend
+from .static_shapes import StaticShapeGraph
 
 INSTALL_HINT = "pip install 'meissonic-export[coreml]'"
 
@@ -61,28 +62,12 @@ def _core_ml_types(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.int32 if np.issubdtype(v.dtype, np.integer) else np.float32) for k, v in inputs.items()}
 
 
-class CoreMLGraph:
+class CoreMLGraph(StaticShapeGraph):
     """All packages of one graph (one per resolution), callable on any batch."""
 
     def __init__(self, root: Path, entries: list[GraphEntry]):
-        self.root, self.entries, self._loaded = root, entries, {}
-        self.rows = {t["name"]: t["shape"][0] for t in entries[0].raw["inputs"]}  # "batch", "2*batch" or fixed
-
-    def _entry(self, inputs: dict[str, np.ndarray]) -> GraphEntry:
-        """The package whose static shapes take `inputs`: token grids match the package's own, images its
-        resolution; the text encoder has one package."""
-        for entry in self.entries:
-            if "tokens" in inputs:
-                dims = entry.raw["static_shapes"]
-                fits = tuple(inputs["tokens"].shape[-2:]) == (dims["height"], dims["width"])
-            elif "image" in inputs:
-                fits = [inputs["image"].shape[-1], inputs["image"].shape[-2]] == entry.raw["resolution"]
-            else:
-                fits = True
-            if fits:
-                return entry
-        shapes = {name: list(value.shape) for name, value in inputs.items() if name in ("tokens", "image")}
-        raise BundleError(f"no Core ML package of {self.entries[0].name} for {shapes} (packages: {[e.raw.get('resolution') for e in self.entries]})")
+        super().__init__(root, entries)
+        self._loaded = {}
 
     def _run_one(self, entry: GraphEntry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if entry.path not in self._loaded:
@@ -92,16 +77,6 @@ class CoreMLGraph:
         runs, names = self._loaded[entry.path]
         values = run_chunks(runs, _core_ml_types(feed), names)
         return {t["name"]: values[t["name"]] for t in entry.raw["outputs"]}
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        entry = self._entry(inputs)
-        batch = next(v.shape[0] for k, v in inputs.items() if self.rows.get(k) == "batch")
-        outputs = []
-        for b in range(batch):  # one image: its own row, or its [negative, positive] rows
-            rows = {"batch": [b], "2*batch": [b, batch + b]}
-            feed = {k: v[rows[self.rows[k]]] if self.rows.get(k) in rows else v for k, v in inputs.items()}
-            outputs.append(self._run_one(entry, feed))
-        return {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}
 
 
 class CoreMLBackend(Backend):

@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from .bundle import BundleError
 from .sampler import Backend
+from .static_shapes import StaticShapeGraph
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -63,22 +64,45 @@ def _as_onnx_type(array: np.ndarray, onnx_type: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
+class PhoneGraph(StaticShapeGraph):
+    """The fixed-shape phone graphs (ORT format, batch 1, one per resolution) of one graph: run here by
+    onnxruntime's CPU provider; on a phone NNAPI or the Core ML execution provider takes them."""
+
+    def __init__(self, root: Path, entries, options: OnnxOptions | None = None):
+        super().__init__(root, entries)
+        self.options, self._sessions = options, {}
+
+    def _run_one(self, entry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if entry.path not in self._sessions:
+            self._sessions[entry.path] = OnnxGraph(self.root / entry.path, self.options)
+        return self._sessions[entry.path](feed)
+
+
+TARGET_NAMES = {"onnx": "onnxruntime", "ort": "onnxruntime (ORT format)", "phone": "onnxruntime (fixed-shape phone graphs, ORT format)"}
+
+
 class OnnxBackend(Backend):
-    """The bundle's ONNX graphs of one variant, as `.onnx` (target "onnx") or as the ORT-format models
-    that apps load (target "ort"; the same onnxruntime runs both). Every file is checked against the
-    manifest's sha256 up front (a corrupt bundle fails before any work); sessions are created on first use."""
+    """The bundle's ONNX graphs of one variant, as `.onnx` (target "onnx"), as the ORT-format models that
+    apps load (target "ort"), or as the fixed-shape phone graphs (target "phone"); the same onnxruntime
+    runs all three. Every file is checked against the manifest's sha256 up front (a corrupt bundle fails
+    before any work); sessions are created on first use."""
 
     def __init__(self, manifest, variant: str, options: OnnxOptions | None = None, verify: bool = True, target: str = "onnx"):
         from .bundle import verify_files
 
         super().__init__()
-        self.manifest, self.variant, self.options = manifest, variant, options or OnnxOptions()
-        self.name = "onnxruntime" if target == "onnx" else "onnxruntime (ORT format)"
-        self.entries = {g.name: manifest.find(g.name, target, variant) for g in manifest.graphs if g.target == target}
+        self.manifest, self.variant, self.options, self.target = manifest, variant, options or OnnxOptions(), target
+        self.name = TARGET_NAMES[target]
+        self.entries = {}
+        for name in dict.fromkeys(g.name for g in manifest.graphs if g.target == target):
+            wanted = manifest.find(name, target, variant).variant  # falls back to the base precision
+            self.entries[name] = [g for g in manifest.graphs if (g.name, g.target, g.variant) == (name, target, wanted)]
         if verify:
-            verify_files(manifest, sorted({f for entry in self.entries.values() for f in entry.raw["files"]}))
+            verify_files(manifest, sorted({f for entries in self.entries.values() for e in entries for f in e.raw["files"]}))
 
-    def _load(self, name: str) -> OnnxGraph:
+    def _load(self, name: str):
         if name not in self.entries:
             raise BundleError(f"{self.manifest.root}: this bundle has no {name} graph")
-        return OnnxGraph(self.manifest.root / self.entries[name].path, self.options)
+        if self.target == "phone":
+            return PhoneGraph(self.manifest.root, self.entries[name], self.options)
+        return OnnxGraph(self.manifest.root / self.entries[name][0].path, self.options)

@@ -17,7 +17,8 @@ from .onnx_backend import OnnxBackend, OnnxOptions
 from .sampler import ModelFacts, Request, Result, Sampler, StepReport
 from .tokenizer import CLIPTokenizer
 
-BACKENDS = ("onnx", "ort", "coreml")  # ort: the bundle's ORT-format models (export --targets ort), run by onnxruntime
+# ort: the bundle's ORT-format models, phone: its fixed-shape phone graphs (both from export --targets ort), run by onnxruntime
+BACKENDS = ("onnx", "ort", "phone", "coreml")
 
 
 class MeissonicRuntime:
@@ -30,7 +31,7 @@ class MeissonicRuntime:
         cls, bundle, backend: str = "onnx", variant: str | None = None, onnx_options: OnnxOptions | None = None, verify: bool = True,
         low_memory: bool = False,
     ):  # fmt: skip
-        """`backend`: onnx, ort (the ORT-format models) or coreml. `variant`: fp32, fp16, int8, int4 (default: the bundle's base precision). `verify`: check every
+        """`backend`: onnx, ort (the ORT-format models), phone (the fixed-shape phone graphs) or coreml. `variant`: fp32, fp16, int8, int4 (default: the bundle's base precision). `verify`: check every
         file against the manifest's sha256 before use. `low_memory`: load each graph for its phase only
         (peak memory of the largest graph instead of all of them; reloads on every generation)."""
         if backend not in BACKENDS:
@@ -49,7 +50,7 @@ class MeissonicRuntime:
         tokenizer_files = [p for p in manifest.raw["files"] if p.startswith("tokenizer/")]
         if verify:
             verify_files(manifest, tokenizer_files)
-        if target in ("onnx", "ort"):
+        if target in ("onnx", "ort", "phone"):
             backend_impl = OnnxBackend(manifest, variant, onnx_options, verify=verify, target=target)
         else:
             from .coreml_backend import CoreMLBackend
