@@ -291,12 +291,11 @@ def _one_step_1b(grid: int, options: BenchOptions, scratch: Path) -> dict:
     path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), scratch / "1b" / "fp32", spec.shapes(info))
     del module
     gc.collect()  # the exporter's garbage: the 1B export peaks near 15 GB
-    paths = {"fp32": path}
     # int4 only: quantizing the 1B to int8 in this process as well (the PyTorch model still loaded) ran
     # this 24 GB machine out of memory; `pytest -m slow tests/test_scale.py` measures int8 in its own process.
-    for variant in ("int4",):
-        recipe = Recipe.load(variant)
-        paths[variant], _ = quantize_graph(path, scratch / "1b" / variant, spec.weights_prefix, recipe.plan(quantizable_layers(transformer)), recipe)
+    recipe = Recipe.load("int4")
+    int4, _ = quantize_graph(path, scratch / "1b" / "int4", spec.weights_prefix, recipe.plan(quantizable_layers(transformer)), recipe)
+    paths = {"fp32": path, "int4": int4}
     # One session at a time, each interleaved with PyTorch: three 1B sessions (prepacked weights) beside the
     # PyTorch model do not fit this 24 GB machine.
     ratios = {}
