@@ -43,7 +43,7 @@ class MeissonicRuntime:
         manifest = read_manifest(Path(bundle))
         target = backend
         if target not in manifest.raw["base_variants"]:
-            raise RuntimeInputError(f"this bundle has no {target} graphs (it has {sorted(manifest.raw['base_variants'])}); export with --targets {target}")
+            raise RuntimeInputError(f"this bundle has no {target} graphs (it has {sorted(manifest.raw['base_variants'])}); export with --targets {'ort' if target == 'phone' else target}")  # phone graphs come with the ORT ones
         variant = variant or manifest.base_variant(target)
         if variant not in manifest.variants(target):
             raise RuntimeInputError(f"variant {variant!r} is not in this bundle's {target} graphs (it has {manifest.variants(target)})")
