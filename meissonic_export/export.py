@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from tqdm.auto import tqdm
 
@@ -31,10 +32,10 @@ from reference.checkpoint import COMPONENTS, load_component, read_config
 from reference.pipeline import load_scheduler, load_tokenizer
 from runtimes.bundle import FORMAT_VERSION, MANIFEST, GraphEntry, sha256_file
 from runtimes.coreml_backend import CoreMLGraph
-from runtimes.onnx_backend import OnnxGraph, PhoneGraph
+from runtimes.onnx_backend import PHONE_POOLING_INPUT, PHONE_STEP_OUTPUT, OnnxGraph, PhoneGraph
 
 from .evaluate import MAX_ACCURACY_LOSS_POINTS, accuracy_gate, evaluate_bundle
-from .graphs import GRAPHS, GraphSpec, ModelInfo
+from .graphs import GRAPHS, TEXT_POSITIONS, GraphSpec, ModelInfo
 from .onnx_export import OPSET, export_onnx, trace_inputs
 from .options import (
     COREML_GRAPHS,
@@ -48,6 +49,7 @@ from .options import (
 )
 from .ort_format import (
     OPERATORS_CONFIG,
+    PHONE_APP_SIDE,
     PHONE_GRAPHS,
     convert_to_ort,
     mobile_usability,
@@ -255,18 +257,42 @@ def _ort_entries(spec: GraphSpec, module, info: ModelInfo, onnx_entry: dict, cas
     for size in options.resolutions if "height" in spec.dims else [None]:
         dims = {"batch": 1} if size is None else {"batch": 1, "height": size[1] // f, "width": size[0] // f}
         bar.set_postfix_str(f"phone graph {variant}" + (f" {size[0]}x{size[1]}" if size else ""))
-        phone_onnx = phone_graph(source, source.parent / ("phone" if size is None else f"phone-{size[0]}x{size[1]}"), dims)
+        app_side = PHONE_APP_SIDE.get(spec.name)
+        phone_onnx = phone_graph(source, source.parent / ("phone" if size is None else f"phone-{size[0]}x{size[1]}"), dims, app_side)
         phone = _converted(spec, variant, phone_onnx)
         files = [_relative(p, staging) for p in (phone, phone_onnx)]
         entry = {
             **onnx_entry, "target": "phone", "path": files[0], "files": files, "bytes": phone.stat().st_size,
             **({"resolution": list(size)} if size else {}), "static_shapes": dims, "mobile_usability": mobile_usability(phone_onnx),
+            **_phone_interface(onnx_entry, module, info, phone_onnx),
         }  # fmt: skip
         graph = PhoneGraph(staging, [GraphEntry(spec.name, "phone", variant, entry["path"], entry)])
         own = [c for c in cases if c.label.get("resolution") == (list(size) if size else None)]
         entry["parity"] = run_validation(spec, module, graph, own, f"phone {variant}", BUDGETS[variant])
         entries.append(entry)
     return entries
+
+
+def _phone_interface(onnx_entry: dict, module, info: ModelInfo, phone_onnx: Path) -> dict:
+    """The inputs and outputs of a phone graph that leaves work to the app (see `phone_graph`), and what
+    the app does; {} for the others, whose interface is the desktop graph's."""
+    graph = onnx.load(str(phone_onnx), load_external_data=False).graph
+    dtypes = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name for v in (*graph.input, *graph.output)}
+    if PHONE_POOLING_INPUT in dtypes:
+        onehot = {"name": PHONE_POOLING_INPUT, "dtype": dtypes[PHONE_POOLING_INPUT], "shape": ["batch", TEXT_POSITIONS],
+                  "doc": "1.0 at the pooled position: the first eos_token_id (runtimes.onnx_backend.eos_onehot)"}  # fmt: skip
+        eos = module.text_encoder.clip.config.eos_token_id
+        return {"inputs": [*onnx_entry["inputs"], onehot], "eos_token_id": eos, "app_side": f"pooling position from the ids (eos_token_id {eos})"}
+    if PHONE_STEP_OUTPUT not in dtypes:
+        return {}
+    tokens = next(t for t in onnx_entry["outputs"] if t["name"] == "sampled_tokens")
+    probs = {"name": PHONE_STEP_OUTPUT, "dtype": dtypes[PHONE_STEP_OUTPUT], "shape": [*tokens["shape"], info.codebook_size],
+             "doc": "guided probabilities over the codebook; the app draws from them (runtimes.sampler.categorical_draw)"}  # fmt: skip
+    return {
+        "inputs": [t for t in onnx_entry["inputs"] if t["name"] != "uniforms"], "outputs": [probs],
+        "app_side": "the draw: inverse CDF of float32 cumulative probabilities, as the desktop step; guidance always applied, "
+        "so for a scale <= 1 feed the positive conditioning as the negative rows too",
+    }  # fmt: skip
 
 
 def _converted(spec: GraphSpec, variant: str, onnx_path: Path) -> Path:

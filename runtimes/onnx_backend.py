@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import BundleError
-from .sampler import Backend
+from .sampler import Backend, categorical_draw
 from .static_shapes import StaticShapeGraph
 
 OPTIMIZATION_LEVELS = {
@@ -64,18 +64,47 @@ def _as_onnx_type(array: np.ndarray, onnx_type: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
+PHONE_STEP_OUTPUT = "probs"  # the phone step's one output: the draw is the app's (see `categorical_draw`)
+PHONE_POOLING_INPUT = "eos_onehot"  # the phone text encoder's second input: where to pool (see `eos_onehot`)
+
+
+def eos_onehot(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
+    """[B, 77] ids -> [B, 77] float32, 1.0 at the position transformers' CLIP pools: the first
+    `eos_token_id`, or for configs written before transformers#24773 (eos_token_id 2) the largest id."""
+    position = input_ids.argmax(-1) if eos_token_id == 2 else (input_ids == eos_token_id).argmax(-1)
+    return np.eye(input_ids.shape[-1], dtype=np.float32)[position]
+
+
 class PhoneGraph(StaticShapeGraph):
     """The fixed-shape phone graphs (ORT format, batch 1, one per resolution) of one graph: run here by
-    onnxruntime's CPU provider; on a phone NNAPI or the Core ML execution provider takes them."""
+    onnxruntime's CPU provider; on a phone NNAPI or the Core ML execution provider takes them.
+
+    Two phone graphs leave their last operators, which no accelerator takes, to the app; this wrapper
+    does what an app does around them, so that they answer like the desktop graphs. The step ends at the
+    guided probabilities and always guides: the wrapper draws, and for a guidance scale <= 1 feeds the
+    positive rows as the negative ones too (guidance then returns them). The text encoder pools at the
+    position the wrapper gives it (`eos_onehot`)."""
 
     def __init__(self, root: Path, entries, options: OnnxOptions | None = None):
         super().__init__(root, entries)
         self.options, self._sessions = options, {}
+        self.draw_in_app = [o["name"] for o in entries[0].raw["outputs"]] == [PHONE_STEP_OUTPUT]
+        if self.draw_in_app:
+            self.rows["uniforms"] = "batch"
+        self.eos_token_id = entries[0].raw.get("eos_token_id")  # set where the text encoder pools in the app
 
     def _run_one(self, entry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if entry.path not in self._sessions:
             self._sessions[entry.path] = OnnxGraph(self.root / entry.path, self.options)
-        return self._sessions[entry.path](feed)
+        session = self._sessions[entry.path]
+        if self.eos_token_id is not None:
+            return session({**feed, PHONE_POOLING_INPUT: eos_onehot(feed["input_ids"], self.eos_token_id)})
+        if not self.draw_in_app:
+            return session(feed)
+        if feed["guidance_scale"][0] <= 1:
+            feed = {name: value[[1, 1]] if self.rows.get(name) == "2*batch" else value for name, value in feed.items()}
+        sampled, log_probs = categorical_draw(session(feed)[PHONE_STEP_OUTPUT], feed["uniforms"])
+        return {"sampled_tokens": sampled, "log_probs": log_probs}
 
 
 TARGET_NAMES = {"onnx": "onnxruntime", "ort": "onnxruntime (ORT format)", "phone": "onnxruntime (fixed-shape phone graphs, ORT format)"}

@@ -134,6 +134,18 @@ def cosine_mask_ratio(numerator: int, steps: int, starting_mask_ratio: float = 1
     return np.float32(starting_mask_ratio) * np.float32(math.cos(float(angle)))
 
 
+def categorical_draw(probs: np.ndarray, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """probs [B, L, K], uniforms [B, L] -> drawn ids [B, L] (int64) and their log-probabilities (clamped at
+    1e-20): the first index whose float32 cumulative probability exceeds the uniform, the rule the
+    `denoise_step` graph computes (`reference.scheduler.categorical_by_inverse_cdf`). For step graphs
+    that leave the draw to the app (the phone graphs: accelerators take no scan over the codebook)."""
+    probs = np.asarray(probs, dtype=np.float32)
+    cdf = np.cumsum(probs, axis=-1, dtype=np.float32)
+    ids = np.minimum((cdf <= uniforms[..., None]).sum(-1), probs.shape[-1] - 1).astype(np.int64)
+    chosen = np.take_along_axis(probs, ids[..., None], axis=-1)[..., 0]
+    return ids, np.log(np.maximum(chosen, np.float32(1e-20)))
+
+
 def gumbel(uniforms: np.ndarray) -> np.ndarray:
     tiny = np.float32(1e-20)
     return -np.log(np.maximum(-np.log(np.maximum(uniforms, tiny)), tiny))
