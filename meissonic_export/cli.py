@@ -22,6 +22,7 @@ from runtimes.cli_common import (
 from runtimes.limits import check_int
 
 from .options import (
+    DEFAULT_GRAPHS,
     DTYPES,
     GRAPH_NAMES,
     PRESET_NAMES,
@@ -87,7 +88,7 @@ def _export_options(args) -> ExportOptions:
     return ExportOptions(
         targets=names(args.targets), resolutions=resolutions, dtype=args.dtype, graphs=names(args.graphs), seed=args.seed,
         overwrite=args.overwrite, keep_failed=args.keep_failed, quantize=names(args.quantize), recipes=tuple(args.recipe),
-        block_size=args.block_size, quality_steps=args.quality_steps, chunks=args.chunks, progress=not args.no_progress,
+        block_size=args.block_size, quality_steps=args.quality_steps, chunks=args.chunks, jobs=args.jobs, progress=not args.no_progress,
     )  # fmt: skip
 
 
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "with the operator config of a reduced onnxruntime build. Core ML packages are float16, static (one per resolution)")
     exp.add_argument("--resolution", default=None, help="image sizes to support and validate, e.g. 512,1024 or 768x512 (default: the checkpoint's own from its generation_config.json, else 512,1024)")
     exp.add_argument("--dtype", default="fp32", choices=DTYPES, help="base precision of the graphs (default: fp32)")
-    exp.add_argument("--graphs", default=",".join(GRAPH_NAMES), help="comma-separated subset of: " + ", ".join(GRAPH_NAMES) + " (default: all)")
+    exp.add_argument("--graphs", default=",".join(DEFAULT_GRAPHS), help="comma-separated subset of: " + ", ".join(GRAPH_NAMES) + " (default: "
+                     + ", ".join(DEFAULT_GRAPHS) + ": what the runtime runs; add transformer, the raw forward, for parity and debugging)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the generated validation inputs (default: 0)")
     exp.add_argument("--overwrite", action="store_true", help="replace a bundle this tool wrote (atomically, after success); nothing else is replaced")
     exp.add_argument("--quantize", default="", help=f"extra variants, comma-separated: {', '.join(QUANTIZE)} (palettes: Core ML only)")
@@ -282,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the recipe's, 64)")
     exp.add_argument("--quality-steps", type=int, default=8, help="steps of the sampling run that measures quantized variants (default: 8)")
     exp.add_argument("--chunks", type=int, default=1, help="Core ML: split the denoise step into N packages run in sequence, each under the Neural Engine's ~1 GB (default: 1)")
+    exp.add_argument("--jobs", type=int, default=None, help="graphs exported at a time, each in its own process holding the model (default: 2 "
+                     "on two or more cores for checkpoints under 1 GB, else 1)")
     exp.add_argument("--keep-failed", action="store_true", help="on a failed validation keep the files in OUT.failed/ for inspection")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp.set_defaults(run=_export)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -39,6 +41,8 @@ from .graphs import GRAPHS, TEXT_POSITIONS, GraphSpec, ModelInfo
 from .onnx_export import OPSET, export_onnx, trace_inputs
 from .options import (
     COREML_GRAPHS,
+    GRAPH_NAMES,
+    TARGETS,
     EvaluateOptions,
     ExportError,
     ExportOptions,
@@ -82,21 +86,21 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
     components = {name: load_component(checkpoint, name) for name in COMPONENTS}
     tokenizer, scheduler = load_tokenizer(checkpoint), load_scheduler(checkpoint)
     info = ModelInfo.from_components(components)
-    rng = np.random.default_rng(options.seed)
     if "ort" in options.targets and "onnx" not in options.targets:  # ORT models are converted from the ONNX graphs, kept beside them
         options = dataclasses.replace(options, targets=("onnx", *options.targets))
-    work = [(target, GRAPHS[name]) for target in options.targets for name in options.graphs if target == "onnx" or (target == "coreml" and name in COREML_GRAPHS)]
+    work = [(target, name) for target in options.targets for name in options.graphs if target == "onnx" or (target == "coreml" and name in COREML_GRAPHS)]
+    jobs = min(len(work), options.jobs or _default_jobs(checkpoint))
     with staged_folder(out, options.overwrite, options.keep_failed) as staging, tqdm(total=len(work), disable=not options.progress, unit="graph") as bar:
         shutil.copytree(checkpoint / "tokenizer", staging / "tokenizer")
         shutil.copytree(checkpoint / "scheduler", staging / "scheduler")
-        entries = []
-        for target, spec in work:
-            bar.set_description(f"{target} {spec.name}")
-            module = spec.build(components)
-            cases = _validation_cases(spec, module, info, options.resolutions, rng)
-            export = _export_onnx_graph if target == "onnx" else _export_coreml_graph
-            entries += export(spec, module, info, cases, staging, options, recipes, bar)
-            bar.update()
+        if jobs == 1:
+            entries = []
+            for target, name in work:
+                bar.set_description(f"{target} {name}")
+                entries += _graph_entries(components, target, name, staging, options, recipes, bar)
+                bar.update()
+        else:
+            entries = _graph_entries_in_parallel(checkpoint, work, staging, options, recipes, jobs, bar)
         if "ort" in options.targets:
             write_operators_config([staging / e["path"] for e in entries if e["target"] in ("ort", "phone")], staging)
         manifest = _manifest(checkpoint, components, tokenizer, scheduler, info, options, entries, staging)
@@ -115,6 +119,57 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
         manifest["export_seconds"] = round(time.time() - started, 1)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _graph_entries(components, target: str, name: str, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
+    """Export, validate and describe one graph for one target: its manifest entries. The validation
+    inputs come from (seed, target, graph), so they do not depend on which process exports what."""
+    spec = GRAPHS[name]
+    module = spec.build(components)
+    info = ModelInfo.from_components(components)
+    rng = np.random.default_rng([options.seed, TARGETS.index(target), GRAPH_NAMES.index(name)])
+    cases = _validation_cases(spec, module, info, options.resolutions, rng)
+    export = _export_onnx_graph if target == "onnx" else _export_coreml_graph
+    return export(spec, module, info, cases, staging, options, recipes, bar)
+
+
+PARALLEL_EXPORT_BYTES = 1 << 30  # checkpoints above this export one graph at a time: each worker holds the model
+
+
+def _default_jobs(checkpoint: Path) -> int:
+    """Two graphs at a time where two cores and the memory allow: torch.export and the ONNX translation
+    are single-threaded Python and take 95% of a small model's export (20-60 s a graph here)."""
+    weights = sum(f.stat().st_size for f in checkpoint.glob("*/*.safetensors"))
+    return 1 if weights > PARALLEL_EXPORT_BYTES else min(2, os.cpu_count() or 1)
+
+
+def _graph_entries_in_parallel(checkpoint: Path, work, staging: Path, options: ExportOptions, recipes, jobs: int, bar) -> list[dict]:
+    """`_graph_entries` for every (target, graph) in worker processes (spawned: torch and onnxruntime
+    keep threads that a fork would copy mid-flight), each loading the checkpoint once. Each graph writes
+    its own folders of the staging folder; the entries come back as JSON text and keep `work`'s order."""
+    bar.set_description(f"{len(work)} graphs, {jobs} at a time")
+    found = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker_graph_entries, checkpoint, target, name, staging, options, recipes): (target, name) for target, name in work}
+        try:
+            for future in as_completed(futures):
+                found[futures[future]] = json.loads(future.result())
+                bar.set_postfix_str(f"done: {' '.join(n for _, n in found)}")
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # nothing may still write into the staging folder
+            raise
+    return [entry for key in work for entry in found[key]]
+
+
+_worker_components: dict[Path, dict] = {}  # a worker process's checkpoint, loaded on its first graph
+
+
+def _worker_graph_entries(checkpoint: Path, target: str, name: str, staging: Path, options: ExportOptions, recipes) -> str:
+    if checkpoint not in _worker_components:
+        _worker_components[checkpoint] = {component: load_component(checkpoint, component) for component in COMPONENTS}
+    with tqdm(disable=True) as silent:
+        return json.dumps(_graph_entries(_worker_components[checkpoint], target, name, staging, options, recipes, silent))
 
 
 def _accuracy_gate(staging: Path, manifest: dict, options: ExportOptions) -> dict:

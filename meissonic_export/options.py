@@ -23,6 +23,8 @@ ONNX_VARIANTS = ("fp16", *quantized_variants("onnx"))  # fp16 is a variant of an
 COREML_VARIANTS = quantized_variants("coreml")  # Core ML's base precision is fp16
 QUANTIZE = tuple(dict.fromkeys(ONNX_VARIANTS + COREML_VARIANTS))
 GRAPH_NAMES = ("text_encoder", "transformer", "denoise_step", "vq_decoder", "vq_encoder")  # graphs.GRAPHS, in order (a test checks)
+# What the runtime runs; the raw transformer forward (parity and debugging) is exported when asked for.
+DEFAULT_GRAPHS = ("text_encoder", "denoise_step", "vq_decoder", "vq_encoder")
 COREML_GRAPHS = ("text_encoder", "denoise_step", "vq_decoder", "vq_encoder")  # no raw transformer on devices
 PRESET_NAMES = ("meissonic-1b", "shapes", "small", "tiny")  # reference.presets.PRESETS (a test checks)
 DEFAULT_RESOLUTIONS = ((512, 512), (1024, 1024))  # for checkpoints without a generation_config.json
@@ -38,7 +40,7 @@ class ExportOptions:
     targets: tuple[str, ...] = ("onnx",)
     resolutions: tuple[tuple[int, int], ...] | None = None  # (width, height) in pixels; None: the checkpoint's own
     dtype: str = "fp32"
-    graphs: tuple[str, ...] = GRAPH_NAMES
+    graphs: tuple[str, ...] = DEFAULT_GRAPHS
     seed: int = 0  # of the validation inputs
     overwrite: bool = False
     keep_failed: bool = False  # keep a failed export's files in BUNDLE.failed/ for inspection
@@ -47,6 +49,7 @@ class ExportOptions:
     block_size: int | None = None  # overrides the int4 recipes' block size
     quality_steps: int = 8  # steps of the full sampling run that measures each quantized variant
     chunks: int = 1  # Core ML: split the denoise step into this many packages
+    jobs: int | None = None  # graphs exported at a time; None: 2 for checkpoints under 1 GB on 2+ cores, else 1
     progress: bool = True
 
     @property
@@ -145,6 +148,8 @@ def check_options(checkpoint: Path, out: Path, options: ExportOptions) -> None:
         raise ExportError(f"--quantize: {palettes} are Core ML variants; add --targets coreml")
     if options.chunks < 1:
         raise ExportError(f"--chunks: must be at least 1 (got {options.chunks})")
+    if options.jobs is not None and not 1 <= options.jobs <= 64:
+        raise ExportError(f"--jobs: must be 1..64 (got {options.jobs})")
     if options.quality_steps < 1:
         raise ExportError(f"--quality-steps: must be at least 1 (got {options.quality_steps})")
     check_checkpoint_folder(checkpoint)

@@ -72,6 +72,7 @@ def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
     from filelock import FileLock
 
     from meissonic_export.export import ExportOptions, export_bundle
+    from meissonic_export.options import GRAPH_NAMES
     from runtimes.bundle import MANIFEST
 
     base = tmp_path_factory.getbasetemp()
@@ -79,7 +80,7 @@ def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
     out = shared / "tiny-bundle"
     with FileLock(str(shared / "tiny-bundle.lock")):
         if not (out / MANIFEST).is_file():
-            options = ExportOptions(targets=("onnx", "ort"), resolutions=EXPORT_RESOLUTIONS, quantize=QUANTIZED_VARIANTS, block_size=32, progress=False)
+            options = ExportOptions(targets=("onnx", "ort"), resolutions=EXPORT_RESOLUTIONS, graphs=GRAPH_NAMES, quantize=QUANTIZED_VARIANTS, block_size=32, progress=False)
             export_bundle(golden_checkpoint, out, options)
     return out
 

@@ -81,6 +81,7 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("export", [*exp, "--quantize", "int3"], "--quantize: unknown scheme"),
         ("export", [*exp, "--quantize", "palette4"], "add --targets coreml"),
         ("export", [*exp, "--chunks", "0"], "--chunks"),
+        ("export", [*exp, "--jobs", "0"], "--jobs: must be 1..64"),
         ("export", [*exp, "--quality-steps", "0"], "--quality-steps"),
         ("export", [*exp, "--quantize", "int4", "--recipe", "int9-magic"], "int9-magic: no such recipe"),
         ("export", [*exp, "--quantize", "int4", "--recipe", "null-layers.json"], "'layers' must be a list"),

@@ -144,23 +144,39 @@ def test_interrupted_export_leaves_no_bundle(golden_checkpoint, tmp_path, monkey
     monkeypatch.setattr(export_module, "run_validation", interrupt_on_second_graph)
     out = tmp_path / "bundle"
     with pytest.raises(KeyboardInterrupt):
-        export_bundle(golden_checkpoint, out, ExportOptions(resolutions=((128, 128),), graphs=("vq_encoder", "vq_decoder"), progress=False))
+        export_bundle(golden_checkpoint, out, ExportOptions(resolutions=((128, 128),), graphs=("vq_encoder", "vq_decoder"), jobs=1, progress=False))
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_killed_export_leaves_no_bundle(golden_checkpoint, tmp_path):
+@pytest.mark.parametrize("sent", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_killed_or_interrupted_export_leaves_no_bundle(golden_checkpoint, tmp_path, sent):
+    """The CLI exports graphs two at a time in worker processes here. Killed, it leaves no bundle (the
+    next export removes the partial folder); Ctrl-C (SIGINT to the whole process group, as a terminal
+    sends it) stops every process, exits 130 and leaves nothing at all."""
     out = tmp_path / "bundle"
     command = [sys.executable, "-m", "meissonic_export.cli", "export", str(golden_checkpoint), "--out", str(out), "--resolution", "128"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # wait for the first exported graph, however long this machine takes (no clock involved)
     while not any(tmp_path.glob(".bundle.partial-*/onnx/fp32/*/model.onnx")) and process.poll() is None:
         time.sleep(0.2)
     assert process.poll() is None, "the export ended before it could be interrupted"
-    os.kill(process.pid, signal.SIGKILL)
+    os.killpg(process.pid, sent)
     process.wait()
     assert not out.exists()
     with pytest.raises(BundleError, match="bundle folder not found"):
         read_manifest(out)
+    if sent == signal.SIGINT:
+        assert process.returncode == 130 and not list(tmp_path.iterdir())
+
+
+def test_parallel_and_one_at_a_time_exports_write_the_same_bundle(golden_checkpoint, tmp_path):
+    """Validation inputs come from (seed, target, graph), not from the order graphs are exported in."""
+    manifests = [
+        export_bundle(golden_checkpoint, tmp_path / f"jobs{jobs}", ExportOptions(resolutions=((128, 128),), graphs=("text_encoder", "vq_encoder"), jobs=jobs, progress=False))
+        for jobs in (1, 2)
+    ]  # fmt: skip
+    assert [g["parity"] for g in manifests[0]["graphs"]] == [g["parity"] for g in manifests[1]["graphs"]]
+    assert manifests[0]["files"] == manifests[1]["files"]  # sizes and sha256 of every file
 
 
 @pytest.mark.parametrize(
