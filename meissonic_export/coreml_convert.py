@@ -102,6 +102,18 @@ def save_mlpackage(model: ct.models.MLModel, path: str | Path) -> Path:
     return path
 
 
+def save_multifunction_package(functions: dict[str, Path], path: Path) -> Path:
+    """One `.mlpackage` holding the `main` function of each package in `functions` (name -> package),
+    under its name; weights the functions share are stored once. The first function is the default."""
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for name, package in functions.items():
+        descriptor.add_function(str(package), src_function_name="main", target_function_name=name)
+    descriptor.default_function_name = next(iter(functions))
+    with quiet():
+        ct.utils.save_multifunction(descriptor, str(path))
+    return path
+
+
 def pass_pipeline() -> ct.PassPipeline:
     """coremltools' default pipeline without the miscompiling matmul + bias fusion (see module doc)."""
     pipeline = ct.PassPipeline.DEFAULT  # a fresh object per access

@@ -1,7 +1,8 @@
 """Core ML execution of bundle packages, behind the same `graph(name)` interface as onnxruntime.
 
-Packages are static (one per resolution, one image: two conditioning rows), so each graph here picks
-the package by the grid in its inputs and runs a batch one image at a time. A denoise step exported
+Packages are static (one program per resolution, one image: two conditioning rows; a bundle of several
+resolutions holds them as the functions of one package), so each graph here picks the program by the
+grid in its inputs and runs a batch one image at a time. A denoise step exported
 with `--chunks N` is N packages run in sequence. On macOS the packages run in Core ML
 (`MLModel.predict`); elsewhere in the numpy evaluator of their MIL programs
 (`runtimes.coreml_eval`, float32 arithmetic over the stored weights), slowly but faithfully.
@@ -36,16 +37,17 @@ def native_coreml() -> bool:
     return sys.platform == "darwin"
 
 
-def load_package(path: Path):
-    """A callable dict -> dict for one `.mlpackage`: Core ML on macOS, the MIL evaluator elsewhere."""
+def load_package(path: Path, function: str | None = None):
+    """A callable dict -> dict for one `.mlpackage` (`function`: one function of a multifunction package,
+    one per resolution): Core ML on macOS, the MIL evaluator elsewhere."""
     if native_coreml():
         import coremltools as ct
 
-        model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL)
+        model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL, **({"function_name": function} if function else {}))
         return lambda inputs: {k: np.asarray(v) for k, v in model.predict(inputs).items()}
     from runtimes.coreml_eval import CoreMLProgram
 
-    return CoreMLProgram(path)
+    return CoreMLProgram(path, function=function or "main")
 
 
 def run_chunks(runs, inputs: dict[str, np.ndarray], names: list[list[str]]) -> dict[str, np.ndarray]:
@@ -70,11 +72,12 @@ class CoreMLGraph(StaticShapeGraph):
         self._loaded = {}
 
     def _run_one(self, entry: GraphEntry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if entry.path not in self._loaded:
-            parts = entry.raw.get("chunks") or [{"path": entry.path, "inputs": [t["name"] for t in entry.raw["inputs"]]}]
-            runs = [load_package(self.root / part["path"]) for part in parts]
-            self._loaded[entry.path] = (runs, [part["inputs"] for part in parts])
-        runs, names = self._loaded[entry.path]
+        key = (entry.path, entry.raw.get("function"))  # a package shared by resolutions holds one function per size
+        if key not in self._loaded:
+            parts = entry.raw.get("chunks") or [{"path": entry.path, "function": key[1], "inputs": [t["name"] for t in entry.raw["inputs"]]}]
+            runs = [load_package(self.root / part["path"], part.get("function")) for part in parts]
+            self._loaded[key] = (runs, [part["inputs"] for part in parts])
+        runs, names = self._loaded[key]
         values = run_chunks(runs, _core_ml_types(feed), names)
         return {t["name"]: values[t["name"]] for t in entry.raw["outputs"]}
 

@@ -65,7 +65,9 @@ def test_manifest_describes_every_package(coreml_manifest, info):
     verify_files(coreml_manifest, sorted({f for g in graphs for f in g.raw["files"]}))  # sha256 of every file
     for graph in graphs:
         raw = graph.raw
-        assert raw["deployment_target"] == ("iOS18" if graph.variant == "int4" else "iOS17"), graph.name  # int4 blocks need iOS 18
+        # int4 blocks and multifunction packages (two resolutions here) need iOS 18; palettes stay per resolution (see export)
+        shared = "resolution" in raw and not graph.variant.startswith("palette")
+        assert raw["deployment_target"] == ("iOS18" if graph.variant == "int4" or shared else "iOS17"), graph.name
         assert raw["static_shapes"]["batch"] == 1 and raw["parity"] and raw["budget"] == BUDGETS[graph.variant].to_dict()
         assert raw["bytes"] == sum(coreml_manifest.raw["files"][f]["bytes"] for f in raw["files"])
         for tensor in raw["inputs"]:
@@ -82,6 +84,27 @@ def test_manifest_describes_every_package(coreml_manifest, info):
             assert q["weight_sqnr_db"] >= BUDGETS[graph.variant].min_sqnr_db, (graph.name, graph.variant, q["weight_sqnr_db"])
     sizes = {(g.name, g.variant): g.raw["bytes"] for g in graphs if g.raw.get("resolution", [192, 128]) == [192, 128]}
     assert sizes[("denoise_step", "int4")] < sizes[("denoise_step", "int8")] < sizes[("denoise_step", "fp16")]
+
+
+def test_one_package_serves_every_resolution(coreml_manifest):
+    """Per graph, variant (palettes apart) and chunk one multifunction package, one function per
+    resolution, each entry pointing at its own; the weights are stored once (the package is far from
+    twice one resolution's)."""
+    from runtimes.coreml_eval import CoreMLProgram
+
+    graphs = [g for g in coreml_manifest.graphs if g.target == "coreml" and "resolution" in g.raw and not g.variant.startswith("palette")]
+    by_package: dict[str, list] = {}
+    for graph in graphs:
+        for part in graph.raw.get("chunks") or [graph.raw]:
+            by_package.setdefault(part["path"], []).append((graph, part["function"]))
+    for path, users in by_package.items():
+        functions = {f"size_{g.raw['resolution'][0]}x{g.raw['resolution'][1]}" for g, _ in users}
+        assert {function for _, function in users} == functions and len(functions) == len(EXPORT_RESOLUTIONS), path
+        for function in functions:
+            assert CoreMLProgram(coreml_manifest.root / path, function=function).output_names  # each function loads
+    step = next(g for g in graphs if (g.name, g.variant) == ("denoise_step", "fp16"))
+    weights = sum(w.size for w in CoreMLProgram(coreml_manifest.root / step.raw["chunks"][0]["path"], function=step.raw["chunks"][0]["function"]).constants().values())
+    assert step.raw["chunks"][0]["bytes"] < 1.5 * 2 * weights  # float16: 2 bytes a weight, stored once for both sizes
 
 
 @pytest.mark.parametrize("variant", ("fp16", *COREML_QUANTIZED))
