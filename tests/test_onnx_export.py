@@ -154,7 +154,10 @@ def test_killed_or_interrupted_export_leaves_no_bundle(golden_checkpoint, tmp_pa
     next export removes the partial folder); Ctrl-C (SIGINT to the whole process group, as a terminal
     sends it) stops every process, exits 130 and leaves nothing at all."""
     out = tmp_path / "bundle"
-    command = [sys.executable, "-m", "meissonic_export.cli", "export", str(golden_checkpoint), "--out", str(out), "--resolution", "128"]
+    # Ctrl-C raises KeyboardInterrupt, as under a terminal: a test run started in the background (nohup, &)
+    # ignores SIGINT, and its children inherit that, so the CLI is started with Python's own handler set.
+    cli = "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); runpy.run_module('meissonic_export.cli', run_name='__main__')"
+    command = [sys.executable, "-c", cli, "export", str(golden_checkpoint), "--out", str(out), "--resolution", "128"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # wait for the first exported graph, however long this machine takes (no clock involved)
     while not any(tmp_path.glob(".bundle.partial-*/onnx/fp32/*/model.onnx")) and process.poll() is None:
