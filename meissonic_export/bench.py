@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from reference.scheduler import categorical_by_inverse_cdf
 from runtimes.onnx_backend import OnnxGraph, OnnxOptions
 
 from .graphs import GRAPHS, ModelInfo, draw
@@ -140,7 +141,7 @@ def _torch_step(transformer):
             rows = (torch.cat([tokens, tokens]), tensor["encoder_hidden_states"], tensor["pooled_projections"], tensor["micro_conds"], tensor["timestep"])
             uncond, cond = transformer(*rows).chunk(2)
             logits = uncond + scale * (cond - uncond) if scale > 1 else cond
-            draw(logits.flatten(2).transpose(1, 2).softmax(dim=-1), tensor["uniforms"])
+            draw(logits.flatten(2).transpose(1, 2).softmax(dim=-1), tensor["uniforms"], categorical_by_inverse_cdf)
 
     return run
 

@@ -91,25 +91,27 @@ CPU_CAST_PREFIX = "InsertedPrecisionFreeCast_"
 def _leave_the_draw_to_the_app(model: onnx.ModelProto) -> None:
     """The phone step ends at the guided probabilities [1, H*W, codebook]; the app draws from them
     (`runtimes.sampler.categorical_draw`, the rule the desktop graph computes). The draw is a scan over the
-    codebook (CumSum, then LessOrEqual, ReduceSum, GatherElements, Log) that neither accelerator takes; in the
-    graph it split NNAPI's share into 14 partitions, and it is ~0.1% of the step's arithmetic.
+    codebook (two CumSum levels, LessOrEqual, ReduceSum, GatherElements, Log) that neither accelerator
+    takes; in the graph it split NNAPI's share into 14 partitions, and it is ~0.1% of the step's arithmetic.
+    The probabilities are the step's last Softmax (the codebook's; attention's come before the head).
     Guidance is applied unconditionally: the graph's `guidance_scale > 1` switch (Greater, Where) goes,
     and for a scale <= 1 the app feeds the positive conditioning as the negative rows too, which makes
     u + g (c - u) exactly c, the official pipeline's unguided logits."""
     graph = model.graph
     producers = {output: node for node in graph.node for output in node.output}
-    scans = [node for node in graph.node if node.op_type == "CumSum"]
+    softmaxes = [node for node in graph.node if node.op_type == "Softmax"]
     switches = [
         node for node in graph.node
         if node.op_type == "Where" and producers.get(node.input[0]) is not None
         and producers[node.input[0]].op_type == "Greater" and "guidance_scale" in producers[node.input[0]].input
     ]  # fmt: skip
-    if len(scans) != 1 or len(switches) != 1:
-        raise ValueError(f"expected one CumSum draw and one guidance switch, found {len(scans)} and {len(switches)}")
-    renamed = {switches[0].output[0]: switches[0].input[1], scans[0].input[0]: PHONE_STEP_OUTPUT}  # the switch is bypassed
+    if not softmaxes or len(switches) != 1:
+        raise ValueError(f"expected a codebook Softmax and one guidance switch, found {len(softmaxes)} and {len(switches)}")
+    probs = softmaxes[-1].output[0]
+    renamed = {switches[0].output[0]: switches[0].input[1], probs: PHONE_STEP_OUTPUT}  # the switch is bypassed
     for node in graph.node:
         node.input[:] = [renamed.get(name, name) for name in node.input]
-        node.output[:] = [PHONE_STEP_OUTPUT if name == scans[0].input[0] else name for name in node.output]
+        node.output[:] = [PHONE_STEP_OUTPUT if name == probs else name for name in node.output]
     del graph.output[:], graph.value_info[:]
     inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     graph.output.append(inferred[PHONE_STEP_OUTPUT])

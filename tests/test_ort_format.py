@@ -15,6 +15,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from meissonic_export.graphs import categorical_by_blocks
 from meissonic_export.ort_format import (
     OPERATORS_CONFIG,
     PHONE_GRAPHS,
@@ -183,20 +184,40 @@ def test_each_accelerator_rewrite_computes_the_operator_it_replaces(model, x, to
         assert np.abs(got.astype(np.float64) - expected).max() <= tolerance
 
 
-def test_the_apps_draw_is_the_reference_draw():
-    """`categorical_draw` (numpy, what the phone step leaves to the app) against the reference's inverse
-    CDF on peaked and flat distributions: the same ids except for uniforms within 1e-6 of a CDF boundary
-    (the tie window of every draw comparison: cumulative sums differ in the last bits between libraries)."""
-    rng = np.random.default_rng(4)
+def _the_reference_draw_away_from_ties(draw_ids, codes: int, seed: int) -> None:
+    """`draw_ids(probs, uniforms)` against the reference's inverse CDF on peaked and flat distributions:
+    the same ids except for uniforms within 1e-6 of a CDF boundary (the tie window of every draw
+    comparison: cumulative sums differ in the last bits between libraries and summation orders)."""
+    rng = np.random.default_rng(seed)
     for concentration in (0.05, 1.0, 20.0):
-        probs = rng.dirichlet(np.full(512, concentration), size=(3, 400)).astype(np.float32)
+        probs = rng.dirichlet(np.full(codes, concentration), size=(3, 400)).astype(np.float32)
         uniforms = rng.random((3, 400), dtype=np.float32)
-        ids, log_probs = categorical_draw(probs, uniforms)
+        ids = draw_ids(probs, uniforms)
         expected = categorical_by_inverse_cdf(torch.from_numpy(probs), torch.from_numpy(uniforms)).numpy()
         cdf = np.cumsum(probs.astype(np.float64), -1)
         margin = np.abs(cdf - uniforms[..., None].astype(np.float64)).min(-1)
+        assert (margin > 1e-6).mean() > 0.95
         assert np.array_equal(ids[margin > 1e-6], expected[margin > 1e-6])
+    # A total below the uniform (rounding; here all mass missing) takes the last index, as the reference.
+    assert (draw_ids(np.zeros((1, 2, codes), np.float32), np.float32([[0.5, 0.9]])) == codes - 1).all()
+
+
+def test_the_apps_draw_is_the_reference_draw():
+    """`categorical_draw` (numpy): what the phone step leaves to the app."""
+    def draw_ids(probs, uniforms):
+        ids, log_probs = categorical_draw(probs, uniforms)
         assert np.allclose(log_probs, np.log(np.maximum(np.take_along_axis(probs, ids[..., None], -1)[..., 0], 1e-20)))
+        return ids
+
+    _the_reference_draw_away_from_ties(draw_ids, 512, seed=4)
+
+
+@pytest.mark.parametrize("codes", [8192, 256, 1000, 7])
+def test_the_graphs_blocked_draw_is_the_reference_draw(codes):
+    """`categorical_by_blocks` (the desktop step graph's two-level draw) with blocks of 64, 16, 8
+    (1000 = 8 x 125) and 1 (a prime codebook)."""
+    draw_ids = lambda probs, uniforms: categorical_by_blocks(torch.from_numpy(probs), torch.from_numpy(uniforms)).numpy()
+    _the_reference_draw_away_from_ties(draw_ids, codes, seed=codes)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 0.5])
