@@ -12,10 +12,11 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -157,7 +158,16 @@ def _graph_entries_in_parallel(checkpoint: Path, work, staging: Path, options: E
                 bar.set_postfix_str(f"done: {' '.join(n for _, n in found)}")
                 bar.update()
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # nothing may still write into the staging folder
+            # Stop the workers now rather than after their current graph (a minute on a large model): a
+            # SIGINT sent to this process alone (kill -INT, an IDE's stop) does not reach them. Interrupted,
+            # a worker reports KeyboardInterrupt and exits cleanly (terminate() would leave the pool's
+            # semaphores to the resource tracker, which warns on stderr). The executor lists its workers
+            # only in `_processes` before Python 3.14. Then wait: nothing may still write into the staging
+            # folder when it is removed.
+            for worker in list((pool._processes or {}).values()):
+                with suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGINT)
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     return [entry for key in work for entry in found[key]]
 

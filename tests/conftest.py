@@ -80,7 +80,9 @@ def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
     out = shared / "tiny-bundle"
     with FileLock(str(shared / "tiny-bundle.lock")):
         if not (out / MANIFEST).is_file():
-            options = ExportOptions(targets=("onnx", "ort"), resolutions=EXPORT_RESOLUTIONS, graphs=GRAPH_NAMES, quantize=QUANTIZED_VARIANTS, block_size=32, progress=False)
+            # jobs=1 here and in the other tests' exports: the test run keeps both cores busy already (two
+            # xdist workers), and export workers would only add their start-up (torch imported again).
+            options = ExportOptions(targets=("onnx", "ort"), resolutions=EXPORT_RESOLUTIONS, graphs=GRAPH_NAMES, quantize=QUANTIZED_VARIANTS, block_size=32, jobs=1, progress=False)
             export_bundle(golden_checkpoint, out, options)
     return out
 

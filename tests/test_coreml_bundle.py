@@ -40,7 +40,7 @@ def coreml_bundle(tmp_path_factory, golden_checkpoint):
     from meissonic_export.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "coreml"
-    options = ExportOptions(targets=("coreml",), resolutions=EXPORT_RESOLUTIONS, quantize=COREML_QUANTIZED, block_size=32, chunks=2, progress=False)
+    options = ExportOptions(targets=("coreml",), resolutions=EXPORT_RESOLUTIONS, quantize=COREML_QUANTIZED, block_size=32, chunks=2, jobs=1, progress=False)
     export_bundle(golden_checkpoint, out, options)
     return out
 

@@ -93,7 +93,7 @@ def shapes_bundle(tmp_path_factory, shapes_checkpoint):
     from meissonic_export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("shapes") / "bundle"
-    export_bundle(shapes_checkpoint, out, ExportOptions(progress=False))
+    export_bundle(shapes_checkpoint, out, ExportOptions(jobs=1, progress=False))
     return out
 
 
@@ -226,7 +226,7 @@ def test_full_evaluation_of_every_variant(tmp_path):
     from meissonic_export.options import EvaluateOptions, ExportOptions
 
     bundle = tmp_path / "bundle"
-    export_bundle(write_checkpoint("shapes", tmp_path / "checkpoint"), bundle, ExportOptions(targets=("onnx", "coreml"), quantize=("int8", "int4", "palette4", "palette6"), progress=False))
+    export_bundle(write_checkpoint("shapes", tmp_path / "checkpoint"), bundle, ExportOptions(targets=("onnx", "coreml"), quantize=("int8", "int4", "palette4", "palette6"), jobs=1, progress=False))
     onnx = evaluate_bundle(bundle, EvaluateOptions(progress=False))
     # Core ML runs through the numpy evaluator off macOS (~10 s an image): a 48-pair subset, against ONNX float32 on it
     coreml = evaluate_bundle(bundle, EvaluateOptions(backend="coreml", count=48, held_out_seeds=0, reference=False, progress=False))
