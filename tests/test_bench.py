@@ -11,12 +11,12 @@ from .conftest import QUANTIZED_VARIANTS
 
 def test_bench_smoke(tiny_bundle, golden_checkpoint, tmp_path):
     options = BenchOptions(
-        checkpoint=golden_checkpoint, bundle=tiny_bundle, grid=16, scaling_grids=(8,), steps=2, repeats=3, warmup=0,
+        checkpoint=golden_checkpoint, bundle=tiny_bundle, grid=32, scaling_grids=(8,), steps=2, repeats=3, warmup=0,
         with_1b=False, out=tmp_path, progress=False,
     )  # fmt: skip
     results = run_bench(options)
     variants = ["fp32", *QUANTIZED_VARIANTS]
-    assert list(results.step) == [16, 8] and all(list(ratios) == variants for ratios in results.step.values())
+    assert list(results.step) == [32, 8] and all(list(ratios) == variants for ratios in results.step.values())
     assert list(results.image) == variants and all(r.pairs == 3 for r in results.image.values())
     for ratio in [*results.image.values(), *(r for ratios in results.step.values() for r in ratios.values())]:
         assert ratio.p25 <= ratio.median <= ratio.p75 and ratio.reference_ms > 0 and ratio.candidate_ms > 0
