@@ -26,9 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from reference.scheduler import categorical_by_inverse_cdf
+from runtimes.bundle import ModelFacts
 from runtimes.onnx_backend import OnnxGraph, OnnxOptions
 
-from .graphs import GRAPHS, ModelInfo, draw
+from .graphs import GRAPHS, draw, model_facts, transformer_facts
 
 
 @dataclass
@@ -120,7 +121,7 @@ def machine() -> dict:
     }
 
 
-def _step_inputs(info: ModelInfo, grid: int) -> dict[str, np.ndarray]:
+def _step_inputs(info: ModelFacts, grid: int) -> dict[str, np.ndarray]:
     return GRAPHS["denoise_step"].sample(info, {"batch": 1, "height": grid, "width": grid}, np.random.default_rng(0))
 
 
@@ -201,12 +202,12 @@ def run_bench(options: BenchOptions) -> Results:
         manifest = read_manifest(bundle)
         variants = [v for v in options.variants if v in manifest.variants("onnx")]
         components = {name: load_component(checkpoint, name) for name in COMPONENTS}
-        info = ModelInfo.from_components(components)
+        info = model_facts(components)
 
         for graph in manifest.graphs:
             if graph.target != "onnx":
                 continue
-            results.sizes_mb.setdefault(graph.variant, {})[graph.name] = round(graph.raw["bytes"] / 1e6, 2)
+            results.sizes_mb.setdefault(graph.variant, {})[graph.name] = round(graph.bytes / 1e6, 2)
             sqnr = [case["outputs"]["logits"]["sqnr_db"] for case in graph.raw["parity"] if "logits" in case["outputs"]]
             if sqnr:  # worst case over the export's validation inputs
                 results.quality[graph.variant] = min(math.inf if v == "inf" else v for v in sqnr)
@@ -287,7 +288,7 @@ def _one_step_1b(grid: int, options: BenchOptions, scratch: Path) -> dict:
     transformer = MeissonicTransformer(config).eval()
     spec = GRAPHS["denoise_step"]
     module = spec.build({"transformer": transformer})
-    info = ModelInfo.from_transformer(config)
+    info = transformer_facts(config)
     inputs = _step_inputs(info, grid)
     path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), scratch / "1b" / "fp32", spec.shapes(info))
     del module

@@ -127,7 +127,7 @@ def _port_kit(args) -> None:
         manifest = read_manifest(args.bundle)
     except BundleError as error:
         raise ExportError(str(error)) from None
-    if "onnx" not in manifest.raw["base_variants"]:
+    if "onnx" not in manifest.base_variants:
         raise ExportError(f"{args.bundle}: the port kit records an ONNX generation; this bundle has no ONNX graphs (export with --targets onnx)")
     from .export import staged_folder
     from .port_kit import write_port_kit

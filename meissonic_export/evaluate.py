@@ -31,14 +31,14 @@ def _generators(bundle: Path, options: EvaluateOptions):
     from runtimes.pipeline import MeissonicRuntime
 
     manifest = read_manifest(bundle)
-    defaults = manifest.model["defaults"]
+    defaults = manifest.model.defaults
     rows = []
     if options.reference:
         rows.append(("pytorch", _reference_generator(manifest, defaults)))
-    targets = ["onnx"] if options.backend == "onnx" else (["onnx"] if "onnx" in manifest.raw["base_variants"] else []) + ["coreml"]
+    targets = ["onnx"] if options.backend == "onnx" else (["onnx"] if "onnx" in manifest.base_variants else []) + ["coreml"]
     for target in targets:
-        if target not in manifest.raw["base_variants"]:
-            raise ExportError(f"{bundle}: has no {target} graphs (it has {sorted(manifest.raw['base_variants'])})")
+        if target not in manifest.base_variants:
+            raise ExportError(f"{bundle}: has no {target} graphs (it has {sorted(manifest.base_variants)})")
         variants = manifest.variants(target)
         if target == "onnx" and options.backend == "coreml":
             variants = [manifest.base_variant("onnx")]  # the float32 baseline of the Core ML rows
@@ -64,15 +64,15 @@ def _reference_generator(manifest, defaults):
     from reference.pipeline import MeissonicPipeline
     from reference.scheduler import UniformNoise
 
-    checkpoint = Path(manifest.raw["source"]["checkpoint"])
+    checkpoint = Path(manifest.source["checkpoint"])
     pipe = MeissonicPipeline.from_pretrained(checkpoint)
-    width, height = defaults.get("resolution") or manifest.resolutions[-1]
+    width, height = defaults.resolution or manifest.resolutions[-1]
 
     def generate(prompt, seed):
         with torch.no_grad():
             out = pipe(
-                prompt, width=width, height=height, num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
-                temperature=tuple(defaults["temperature"]), aesthetic_score=defaults["aesthetic_score"],
+                prompt, width=width, height=height, num_inference_steps=defaults.steps, guidance_scale=defaults.guidance_scale,
+                temperature=defaults.temperature, aesthetic_score=defaults.aesthetic_score,
                 noise=UniformNoise.from_seed(seed), progress=False,
             )  # fmt: skip
         return out.tokens[0].numpy(), np.asarray(pixels_to_pil(out.pixels)[0])
@@ -93,7 +93,7 @@ def evaluate_bundle(bundle: Path, options: EvaluateOptions | None = None) -> dic
     grid_pairs = [i for i, p in enumerate(pairs) if not p.held_out][: GRID_PROMPTS // 2] + [i for i, p in enumerate(pairs) if p.held_out][: GRID_PROMPTS // 2]
     ordered = sorted(rows, key=lambda row: row[0] != baseline_name)  # the baseline first: the others compare with it
     baseline: list = []
-    report = {"defaults": defaults, "pairs": len(pairs), "held_out_pairs": sum(p.held_out for p in pairs), "baseline": baseline_name, "rows": {}}
+    report = {"defaults": defaults.to_json(), "pairs": len(pairs), "held_out_pairs": sum(p.held_out for p in pairs), "baseline": baseline_name, "rows": {}}
     grid_images = {}
     total = len(rows) * len(pairs)
     with tqdm(total=total, disable=not options.progress, desc="evaluating") as bar:

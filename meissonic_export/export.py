@@ -33,12 +33,12 @@ from quantize.report import sampling_quality
 from quantize.variants import VARIANTS
 from reference.checkpoint import COMPONENTS, load_component, read_config
 from reference.pipeline import load_scheduler, load_tokenizer
-from runtimes.bundle import FORMAT_VERSION, MANIFEST, GraphEntry, sha256_file
+from runtimes.bundle import FORMAT_VERSION, MANIFEST, GraphEntry, ModelFacts, sha256_file
 from runtimes.coreml_backend import CoreMLGraph
 from runtimes.onnx_backend import PHONE_POOLING_INPUT, PHONE_STEP_OUTPUT, OnnxGraph, PhoneGraph
 
 from .evaluate import MAX_ACCURACY_LOSS_POINTS, accuracy_gate, evaluate_bundle
-from .graphs import GRAPHS, TEXT_POSITIONS, GraphSpec, ModelInfo
+from .graphs import GRAPHS, TEXT_POSITIONS, GraphSpec, model_facts
 from .onnx_export import OPSET, export_onnx, trace_inputs
 from .options import (
     COREML_GRAPHS,
@@ -86,7 +86,9 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
     started = time.time()
     components = {name: load_component(checkpoint, name) for name in COMPONENTS}
     tokenizer, scheduler = load_tokenizer(checkpoint), load_scheduler(checkpoint)
-    info = ModelInfo.from_components(components)
+    facts = model_facts(components, tokenizer.pad_token_id, read_generation_config(checkpoint))
+    if scheduler.mask_token_id != facts.mask_token_id:  # the official pipeline refuses such a checkpoint too
+        raise ExportError(f"{checkpoint}: scheduler mask_token_id {scheduler.mask_token_id} is not the transformer's last vocabulary id {facts.mask_token_id}")
     if "ort" in options.targets and "onnx" not in options.targets:  # ORT models are converted from the ONNX graphs, kept beside them
         options = dataclasses.replace(options, targets=("onnx", *options.targets))
     work = [(target, name) for target in options.targets for name in options.graphs if target == "onnx" or (target == "coreml" and name in COREML_GRAPHS)]
@@ -104,7 +106,7 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
             entries = _graph_entries_in_parallel(checkpoint, work, staging, options, recipes, jobs, bar)
         if "ort" in options.targets:
             write_operators_config([staging / e["path"] for e in entries if e["target"] in ("ort", "phone")], staging)
-        manifest = _manifest(checkpoint, components, tokenizer, scheduler, info, options, entries, staging)
+        manifest = _manifest(checkpoint, components, facts, options, entries, staging)
         if "ort" in options.targets:
             manifest["ort"] = {
                 "conversion": "onnxruntime.tools.convert_onnx_models_to_ort, optimization style Fixed, target platform arm",
@@ -114,7 +116,7 @@ def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = N
         if recipes:
             bar.set_description("quality runs")
             manifest["quality"] = sampling_quality(staging, manifest, options.quality_steps)
-            if manifest["model"]["defaults"].get("evaluation") == "shapes":
+            if facts.defaults.evaluation == "shapes":
                 bar.set_description("prompt accuracy")
                 manifest["evaluation"] = _accuracy_gate(staging, manifest, options)
         manifest["export_seconds"] = round(time.time() - started, 1)
@@ -127,7 +129,7 @@ def _graph_entries(components, target: str, name: str, staging: Path, options: E
     inputs come from (seed, target, graph), so they do not depend on which process exports what."""
     spec = GRAPHS[name]
     module = spec.build(components)
-    info = ModelInfo.from_components(components)
+    info = model_facts(components)
     rng = np.random.default_rng([options.seed, TARGETS.index(target), GRAPH_NAMES.index(name)])
     cases = _validation_cases(spec, module, info, options.resolutions, rng)
     export = _export_onnx_graph if target == "onnx" else _export_coreml_graph
@@ -205,7 +207,7 @@ def _accuracy_gate(staging: Path, manifest: dict, options: ExportOptions) -> dic
 EXPORT_EVALUATION_PAIRS = 48  # the gate's subset of the evaluation set: +-3.5 points of sampling error at 95% accuracy
 
 
-def _validation_cases(spec: GraphSpec, module, info: ModelInfo, resolutions, rng) -> list[ValidationCase]:
+def _validation_cases(spec: GraphSpec, module, info: ModelFacts, resolutions, rng) -> list[ValidationCase]:
     """One image at every resolution, plus two images (the batch is dynamic) at the smallest, capped at
     512 px a side: two 1024-px images through the 1B VQ-VAE's graphs took the export to 16 GB of
     memory, and the batch dimension is checked as well at 512. Text: two prompts."""
@@ -256,7 +258,7 @@ def _checked_recipes(checkpoint: Path, options: ExportOptions) -> dict:
     return recipes
 
 
-def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
+def _export_onnx_graph(spec: GraphSpec, module, info: ModelFacts, cases, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
     """Export the float32 graph once, then derive, validate and describe every variant of it."""
     bar.set_postfix_str("exporting")
     fp32_dir = staging / "onnx" / "fp32" / spec.name
@@ -298,7 +300,7 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging:
     return entries
 
 
-def _ort_entries(spec: GraphSpec, module, info: ModelInfo, onnx_entry: dict, cases, staging: Path, options: ExportOptions, bar) -> list[dict]:
+def _ort_entries(spec: GraphSpec, module, info: ModelFacts, onnx_entry: dict, cases, staging: Path, options: ExportOptions, bar) -> list[dict]:
     """The ORT-format twin of an exported ONNX graph and, for the graphs an app runs, its fixed-shape
     phone graphs (batch 1, one per resolution), each validated like every graph and described with the
     mobile usability checker's figures. A graph over the format's 2 GB limit gets none; its ONNX entry
@@ -331,14 +333,14 @@ def _ort_entries(spec: GraphSpec, module, info: ModelInfo, onnx_entry: dict, cas
             **({"resolution": list(size)} if size else {}), "static_shapes": dims, "mobile_usability": mobile_usability(phone_onnx),
             **_phone_interface(onnx_entry, module, info, phone_onnx),
         }  # fmt: skip
-        graph = PhoneGraph(staging, [GraphEntry(spec.name, "phone", variant, entry["path"], entry)])
+        graph = PhoneGraph(staging, [GraphEntry.from_json(entry)])
         own = [c for c in cases if c.label.get("resolution") == (list(size) if size else None)]
         entry["parity"] = run_validation(spec, module, graph, own, f"phone {variant}", BUDGETS[variant])
         entries.append(entry)
     return entries
 
 
-def _phone_interface(onnx_entry: dict, module, info: ModelInfo, phone_onnx: Path) -> dict:
+def _phone_interface(onnx_entry: dict, module, info: ModelFacts, phone_onnx: Path) -> dict:
     """The inputs and outputs of a phone graph that leaves work to the app (see `phone_graph`), and what
     the app does; {} for the others, whose interface is the desktop graph's."""
     graph = onnx.load(str(phone_onnx), load_external_data=False).graph
@@ -388,7 +390,7 @@ def _quantization_report(recipe, bits: dict[str, int], computed: dict, weights: 
     }
 
 
-def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
+def _export_coreml_graph(spec: GraphSpec, module, info: ModelFacts, cases, staging: Path, options: ExportOptions, recipes, bar) -> list[dict]:
     """One package per resolution (static shapes, one image), float16 compute, then the compressed
     variants; each validated through the runtime's own Core ML graph (the MIL evaluator on Linux).
 
@@ -451,7 +453,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelInfo, cases, stagin
         _share_packages_across_resolutions(entries, staging)
     for entry in entries:
         bar.set_postfix_str(f"validating {spec.name} {entry.get('resolution', '')} {entry['variant']}")
-        graph = CoreMLGraph(staging, [GraphEntry(spec.name, "coreml", entry["variant"], entry["path"], entry)])
+        graph = CoreMLGraph(staging, [GraphEntry.from_json(entry)])
         own = [c for c in cases if c.label.get("resolution") == entry.get("resolution")]
         entry["parity"] = run_validation(spec, module, graph, own, f"coreml {entry['variant']}", BUDGETS[entry["variant"]])
         entry["budget"] = BUDGETS[entry["variant"]].to_dict()
@@ -524,7 +526,7 @@ def _versions() -> dict:
     return versions
 
 
-def _manifest(checkpoint, components, tokenizer, scheduler, info: ModelInfo, options, entries, staging: Path) -> dict:
+def _manifest(checkpoint, components, facts: ModelFacts, options, entries, staging: Path) -> dict:
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     return {
         "format_version": FORMAT_VERSION,
@@ -537,27 +539,12 @@ def _manifest(checkpoint, components, tokenizer, scheduler, info: ModelInfo, opt
                 f"{c.folder}/{c.weights}": sha256_file(checkpoint / c.folder / c.weights) for c in COMPONENTS.values()
             },
         },
-        "model": {
-            "codebook_size": info.codebook_size,
-            "vocab_size": components["transformer"].config.vocab_size,
-            "mask_token_id": scheduler.mask_token_id,
-            "vae_scale_factor": info.vae_scale_factor,
-            "text_positions": 77,
-            "joint_attention_dim": info.joint_attention_dim,
-            "pooled_projection_dim": info.pooled_projection_dim,
-            "pad_token_id": tokenizer.pad_token_id,
-            "masking_schedule": "cosine",
-            "defaults": {**OFFICIAL_DEFAULTS, **read_generation_config(checkpoint)},
-        },
+        "model": facts.to_json(),
         "resolutions": [list(r) for r in options.resolutions],
         "base_variants": {target: "fp16" if target == "coreml" else options.dtype for target in dict.fromkeys(e["target"] for e in entries)},
         "graphs": entries,
         "files": {_relative(p, staging): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
     }
-
-
-# Meissonic's own sampling settings; a checkpoint's generation_config.json overrides them (the shapes model's)
-OFFICIAL_DEFAULTS = {"steps": 48, "guidance_scale": 9.0, "temperature": [2.0, 0.0], "aesthetic_score": 6.0}
 
 
 @contextmanager

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from reference.scheduler import categorical_by_inverse_cdf
 from reference.transformer import TEXT_POSITIONS
+from runtimes.bundle import GenerationDefaults, ModelFacts
 
 
 @dataclass(frozen=True)
@@ -40,37 +40,24 @@ def resolve_shape(shape: tuple, constants: dict[str, int]) -> tuple:
     return tuple(resolved)
 
 
-@dataclass
-class ModelInfo:
-    """The checkpoint facts graphs and sample inputs need."""
+def model_facts(components: dict[str, nn.Module], pad_token_id: int | None = None, defaults: GenerationDefaults | None = None) -> ModelFacts:
+    """The checkpoint's facts (the manifest's "model"), read off its loaded components."""
+    t, text = components["transformer"].config, components["text_encoder"].config
+    return ModelFacts(
+        codebook_size=t.codebook_size, vocab_size=t.vocab_size, mask_token_id=t.mask_token_id,
+        vae_scale_factor=components["vqvae"].config.scale_factor, joint_attention_dim=text.hidden_size,
+        pooled_projection_dim=t.pooled_projection_dim, text_vocab_size=text.vocab_size, pad_token_id=pad_token_id,
+        defaults=defaults or GenerationDefaults(),
+    )  # fmt: skip
 
-    codebook_size: int
-    mask_token_id: int
-    joint_attention_dim: int
-    pooled_projection_dim: int
-    vae_scale_factor: int
-    text_vocab_size: int
 
-    def constants(self) -> dict[str, int]:
-        return {"J": self.joint_attention_dim, "P": self.pooled_projection_dim, "codebook": self.codebook_size, "F": self.vae_scale_factor}
-
-    @classmethod
-    def from_transformer(cls, config) -> ModelInfo:
-        """For the transformer alone (the benchmark, the sensitivity tool): the released VQ-VAE's scale
-        factor and CLIP's vocabulary, which the transformer's graphs do not depend on."""
-        return cls(config.codebook_size, config.mask_token_id, config.joint_attention_dim, config.pooled_projection_dim, 16, 49408)
-
-    @classmethod
-    def from_components(cls, components: dict[str, nn.Module]) -> ModelInfo:
-        t = components["transformer"].config
-        return cls(
-            codebook_size=t.codebook_size,
-            mask_token_id=t.mask_token_id,
-            joint_attention_dim=components["text_encoder"].config.hidden_size,
-            pooled_projection_dim=t.pooled_projection_dim,
-            vae_scale_factor=components["vqvae"].config.scale_factor,
-            text_vocab_size=components["text_encoder"].config.vocab_size,
-        )
+def transformer_facts(config) -> ModelFacts:
+    """For the transformer alone (the benchmark, the sensitivity tool): the released VQ-VAE's scale
+    factor and CLIP's vocabulary, which the transformer's graphs do not depend on."""
+    return ModelFacts(
+        codebook_size=config.codebook_size, vocab_size=config.vocab_size, mask_token_id=config.mask_token_id, vae_scale_factor=16,
+        joint_attention_dim=config.joint_attention_dim, pooled_projection_dim=config.pooled_projection_dim, text_vocab_size=49408,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,7 +68,7 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     description: str
-    sample: Callable[[ModelInfo, dict, np.random.Generator], dict[str, np.ndarray]]
+    sample: Callable[[ModelFacts, dict, np.random.Generator], dict[str, np.ndarray]]
     # Per-position margin of an "ids" output: how far the reference is from choosing another id.
     # Positions closer than `tie_threshold` may legitimately differ between backends.
     tie_margin: Callable[[nn.Module, dict], np.ndarray] | None = None
@@ -107,10 +94,10 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def shapes(self, info: ModelInfo) -> dict[str, tuple]:
+    def shapes(self, info: ModelFacts) -> dict[str, tuple]:
         return {t.name: resolve_shape(t.shape, info.constants()) for t in (*self.inputs, *self.outputs)}
 
-    def interface(self, info: ModelInfo, dtype_map: dict[str, str] | None = None) -> dict:
+    def interface(self, info: ModelFacts, dtype_map: dict[str, str] | None = None) -> dict:
         """The JSON description written into the manifest (`dtype_map`: a target's own dtypes, e.g. int32)."""
         dtype_map, shapes = dtype_map or {}, self.shapes(info)
         describe = lambda t: {"name": t.name, "dtype": dtype_map.get(t.dtype, t.dtype), "shape": list(shapes[t.name]), "doc": t.doc}
@@ -236,12 +223,12 @@ def _float32(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def _grid_tokens(info: ModelInfo, dims, rng, masked_fraction: float) -> np.ndarray:
+def _grid_tokens(info: ModelFacts, dims, rng, masked_fraction: float) -> np.ndarray:
     tokens = rng.integers(0, info.codebook_size, (dims["batch"], dims["height"], dims["width"]))
     return np.where(rng.random(tokens.shape) < masked_fraction, info.mask_token_id, tokens).astype(np.int64)
 
 
-def _conditioning(info: ModelInfo, rows: int, dims, rng) -> dict[str, np.ndarray]:
+def _conditioning(info: ModelFacts, rows: int, dims, rng) -> dict[str, np.ndarray]:
     size = info.vae_scale_factor
     return {
         "encoder_hidden_states": _float32(rng.standard_normal((rows, TEXT_POSITIONS, info.joint_attention_dim))),
@@ -251,7 +238,7 @@ def _conditioning(info: ModelInfo, rows: int, dims, rng) -> dict[str, np.ndarray
     }
 
 
-def _sample_text(info: ModelInfo, dims, rng) -> dict[str, np.ndarray]:
+def _sample_text(info: ModelFacts, dims, rng) -> dict[str, np.ndarray]:
     """Prompt-shaped ids: start token, 1-60 word ids, end token, end-token padding."""
     bos, eos = info.text_vocab_size - 2, info.text_vocab_size - 1
     ids = np.full((dims["batch"], TEXT_POSITIONS), eos, dtype=np.int64)

@@ -12,7 +12,7 @@ from pathlib import Path
 from quantize.variants import BASE_PRECISIONS, VARIANTS, quantized_variants
 from reference.folder import CheckpointError
 from reference.folder import check_checkpoint_folder as check_folder
-from runtimes.bundle import MANIFEST
+from runtimes.bundle import MANIFEST, GenerationDefaults
 from runtimes.json_files import read_json_object
 from runtimes.limits import MAX_SIDE
 
@@ -75,18 +75,22 @@ class ExportOptions:
         return recipes
 
 
-def read_generation_config(checkpoint: Path) -> dict:
-    """The checkpoint's own sampling settings ({} when it has none). Keys: resolution [w, h], steps,
-    guidance_scale, temperature [start, end], and optionally `evaluation` (the world it was trained on)."""
+def read_generation_config(checkpoint: Path) -> GenerationDefaults:
+    """The checkpoint's own sampling settings over the official ones (those alone when it has none).
+    Keys: resolution [w, h], steps, guidance_scale, temperature [start, end], aesthetic_score, and
+    optionally `evaluation` (the world it was trained on)."""
     path = Path(checkpoint) / GENERATION_CONFIG
     if not path.is_file():
-        return {}
-    return read_json_object(path, ExportError, "a generation config")
+        return GenerationDefaults()
+    try:
+        return GenerationDefaults.from_json(read_json_object(path, ExportError, "a generation config"))
+    except (TypeError, ValueError) as error:
+        raise ExportError(f"{path}: {error}") from None
 
 
 def default_resolutions(checkpoint: Path) -> tuple[tuple[int, int], ...]:
-    own = read_generation_config(checkpoint).get("resolution")
-    return (tuple(own),) if own else DEFAULT_RESOLUTIONS
+    own = read_generation_config(checkpoint).resolution
+    return (own,) if own else DEFAULT_RESOLUTIONS
 
 
 def check_checkpoint_folder(checkpoint: Path) -> None:

@@ -206,8 +206,8 @@ def generation_vectors(bundle: Path, root: Path) -> dict:
     after_step = []
     result = runtime.generate(GENERATION_PROMPT, seed=GENERATION_SEED, progress=False, on_step=lambda report: after_step.append(report.tokens))
 
-    defaults = runtime.manifest.model["defaults"]
-    steps, (width, height), mask_id = defaults["steps"], runtime.default_size, runtime.manifest.model["mask_token_id"]
+    defaults = runtime.manifest.model.defaults
+    steps, (width, height), mask_id = defaults.steps, runtime.default_size, runtime.manifest.model.mask_token_id
     arrays = ArrayFiles(root, "generation")
     calls = []
     for index, (graph, inputs, outputs) in enumerate(recorder.calls):
@@ -221,7 +221,7 @@ def generation_vectors(bundle: Path, root: Path) -> dict:
     # `uniforms`), then, on all steps but the last, the Gumbel draw of the re-masking.
     rng = np.random.Generator(np.random.PCG64(GENERATION_SEED))
     step_calls = [i for i, (graph, _, _) in enumerate(recorder.calls) if graph == "denoise_step"]
-    temperatures = linspace_float32(*defaults["temperature"], steps)
+    temperatures = linspace_float32(*defaults.temperature, steps)
     per_step = []
     for step, call in enumerate(step_calls):
         uniforms = recorder.calls[call][1]["uniforms"]
@@ -243,9 +243,9 @@ def generation_vectors(bundle: Path, root: Path) -> dict:
         "denoise_step per step; vq_decoder), each input and output as a raw little-endian array. Per step: the "
         "draws, the temperature, the mask length and the tokens after re-masking (mask id where unknown). "
         f"Confidence of a given token: log(FLT_MAX) = {float(LOG_FLOAT32_MAX)!r}.",
-        "bundle": {"weights_sha256": runtime.manifest.raw["source"]["weights_sha256"], "variant": runtime.backend.variant},
+        "bundle": {"weights_sha256": runtime.manifest.source["weights_sha256"], "variant": runtime.backend.variant},
         "request": {"prompt": GENERATION_PROMPT, "negative_prompt": "", "seed": GENERATION_SEED, "width": width, "height": height,
-                    "steps": steps, "guidance_scale": defaults["guidance_scale"], "temperature": defaults["temperature"]},
+                    "steps": steps, "guidance_scale": defaults.guidance_scale, "temperature": list(defaults.temperature)},
         "calls": calls,
         "steps": per_step,
         "final_tokens": arrays.write("final-tokens", result.tokens),

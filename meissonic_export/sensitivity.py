@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from quantize.metrics import sqnr_db
 from quantize.recipe import QuantLayer, quantizable_layers
 
-from .graphs import GRAPHS, ModelInfo
+from .graphs import GRAPHS, transformer_facts
 
 GROUPS = {
     "token embedding": ["embed.embeddings"],
@@ -88,7 +88,7 @@ def analyse(transformer, bits: tuple[int, ...] = (4, 8), block_size: int | None 
         raise ValueError(f"block size {block_size} does not divide the input width of {indivisible[:3]}")
 
     spec = GRAPHS["transformer"]
-    info = ModelInfo.from_transformer(transformer.config)
+    info = transformer_facts(transformer.config)
     inputs = [torch.from_numpy(v) for v in spec.sample(info, {"batch": 2, "height": grid, "width": grid}, np.random.default_rng(seed)).values()]
     with torch.no_grad():
         reference = transformer(*inputs).numpy()

@@ -11,7 +11,7 @@ import numpy as np
 from runtimes.bundle import Manifest
 from runtimes.coreml_backend import CoreMLBackend
 from runtimes.onnx_backend import OnnxBackend
-from runtimes.sampler import ModelFacts, Request, Sampler
+from runtimes.sampler import Request, Sampler
 from runtimes.tokenizer import CLIPTokenizer
 
 from .metrics import psnr_db
@@ -22,16 +22,15 @@ SEED = 0
 
 def sampling_quality(root, manifest: dict, steps: int) -> dict:
     """Per target: each variant's whole sampling run against the target's base precision."""
-    view = Manifest(root, manifest)
+    view = Manifest.from_json(root, manifest)
     needed = {"text_encoder", "denoise_step", "vq_decoder"}
     if steps < 1:
         return {"skipped": "--quality-steps 0"}
     width, height = min(view.resolutions, key=lambda r: r[0] * r[1])
-    facts = ModelFacts.from_manifest(manifest["model"])
-    defaults = manifest["model"]["defaults"]  # the model's own guidance and temperature; the steps are the report's
+    defaults = view.model.defaults  # the model's own guidance and temperature; the steps are the report's
     request = Request(
-        prompts=[PROMPT], width=width, height=height, steps=steps, guidance_scale=defaults["guidance_scale"],
-        temperature=tuple(defaults["temperature"]), seed=SEED,
+        prompts=[PROMPT], width=width, height=height, steps=steps, guidance_scale=defaults.guidance_scale,
+        temperature=defaults.temperature, seed=SEED,
     )  # fmt: skip
     tokenizer = CLIPTokenizer(root / "tokenizer")
     report = {"prompt": PROMPT, "seed": SEED, "steps": steps, "resolution": [width, height]}
@@ -42,7 +41,7 @@ def sampling_quality(root, manifest: dict, steps: int) -> dict:
             report[target] = {"skipped": f"needs the graphs {sorted(needed)}"}
             continue
         backend = OnnxBackend if target == "onnx" else CoreMLBackend
-        run = lambda variant: Sampler(backend(view, variant, verify=False), tokenizer, facts)(request, progress=False)  # noqa: B023
+        run = lambda variant: Sampler(backend(view, variant, verify=False), tokenizer, view.model)(request, progress=False)  # noqa: B023
         base_variant = view.base_variant(target)
         base = run(base_variant)
         figures = {"against": base_variant}

@@ -72,14 +72,11 @@ class CoreMLGraph(StaticShapeGraph):
         self._loaded = {}
 
     def _run_one(self, entry: GraphEntry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        key = (entry.path, entry.raw.get("function"))  # a package shared by resolutions holds one function per size
+        key = entry.parts  # a package shared by resolutions holds one function per size
         if key not in self._loaded:
-            parts = entry.raw.get("chunks") or [{"path": entry.path, "function": key[1], "inputs": [t["name"] for t in entry.raw["inputs"]]}]
-            runs = [load_package(self.root / part["path"], part.get("function")) for part in parts]
-            self._loaded[key] = (runs, [part["inputs"] for part in parts])
-        runs, names = self._loaded[key]
-        values = run_chunks(runs, _core_ml_types(feed), names)
-        return {t["name"]: values[t["name"]] for t in entry.raw["outputs"]}
+            self._loaded[key] = [load_package(self.root / part.path, part.function) for part in entry.parts]
+        values = run_chunks(self._loaded[key], _core_ml_types(feed), [part.inputs for part in entry.parts])
+        return {t.name: values[t.name] for t in entry.outputs}
 
 
 class CoreMLBackend(Backend):
@@ -93,7 +90,7 @@ class CoreMLBackend(Backend):
             wanted = manifest.find(name, "coreml", variant).variant  # falls back to the base precision
             self.entries[name] = [g for g in manifest.graphs if (g.name, g.target, g.variant) == (name, "coreml", wanted)]
         if verify:
-            verify_files(manifest, sorted({f for entries in self.entries.values() for e in entries for f in e.raw["files"]}))
+            verify_files(manifest, sorted({f for entries in self.entries.values() for e in entries for f in e.files}))
 
     def _load(self, name: str) -> CoreMLGraph:
         if name not in self.entries:

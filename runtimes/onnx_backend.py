@@ -88,10 +88,10 @@ class PhoneGraph(StaticShapeGraph):
     def __init__(self, root: Path, entries, options: OnnxOptions | None = None):
         super().__init__(root, entries)
         self.options, self._sessions = options, {}
-        self.draw_in_app = [o["name"] for o in entries[0].raw["outputs"]] == [PHONE_STEP_OUTPUT]
+        self.draw_in_app = [o.name for o in entries[0].outputs] == [PHONE_STEP_OUTPUT]
         if self.draw_in_app:
             self.rows["uniforms"] = "batch"
-        self.eos_token_id = entries[0].raw.get("eos_token_id")  # set where the text encoder pools in the app
+        self.eos_token_id = entries[0].eos_token_id  # set where the text encoder pools in the app
 
     def _run_one(self, entry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if entry.path not in self._sessions:
@@ -127,7 +127,7 @@ class OnnxBackend(Backend):
             wanted = manifest.find(name, target, variant).variant  # falls back to the base precision
             self.entries[name] = [g for g in manifest.graphs if (g.name, g.target, g.variant) == (name, target, wanted)]
         if verify:
-            verify_files(manifest, sorted({f for entries in self.entries.values() for e in entries for f in e.raw["files"]}))
+            verify_files(manifest, sorted({f for entries in self.entries.values() for e in entries for f in e.files}))
 
     def _load(self, name: str):
         if name not in self.entries:

@@ -14,7 +14,7 @@ from .bundle import BundleError, read_manifest, verify_files
 from .images import ImageInputError
 from .limits import RuntimeInputError, check_request
 from .onnx_backend import OnnxBackend, OnnxOptions
-from .sampler import ModelFacts, Request, Result, Sampler, StepReport
+from .sampler import Request, Result, Sampler, StepReport
 from .tokenizer import CLIPTokenizer
 
 # ort: the bundle's ORT-format models, phone: its fixed-shape phone graphs (both from export --targets ort), run by onnxruntime
@@ -24,7 +24,7 @@ BACKENDS = ("onnx", "ort", "phone", "coreml")
 class MeissonicRuntime:
     def __init__(self, manifest, backend, tokenizer, low_memory: bool = False):
         self.manifest, self.backend, self.tokenizer = manifest, backend, tokenizer
-        self.sampler = Sampler(backend, tokenizer, ModelFacts.from_manifest(manifest.model), low_memory=low_memory)
+        self.sampler = Sampler(backend, tokenizer, manifest.model, low_memory=low_memory)
 
     @classmethod
     def from_bundle(
@@ -42,12 +42,12 @@ class MeissonicRuntime:
             require_coremltools()
         manifest = read_manifest(Path(bundle))
         target = backend
-        if target not in manifest.raw["base_variants"]:
-            raise RuntimeInputError(f"this bundle has no {target} graphs (it has {sorted(manifest.raw['base_variants'])}); export with --targets {'ort' if target == 'phone' else target}")  # phone graphs come with the ORT ones
+        if target not in manifest.base_variants:
+            raise RuntimeInputError(f"this bundle has no {target} graphs (it has {sorted(manifest.base_variants)}); export with --targets {'ort' if target == 'phone' else target}")  # phone graphs come with the ORT ones
         variant = variant or manifest.base_variant(target)
         if variant not in manifest.variants(target):
             raise RuntimeInputError(f"variant {variant!r} is not in this bundle's {target} graphs (it has {manifest.variants(target)})")
-        tokenizer_files = [p for p in manifest.raw["files"] if p.startswith("tokenizer/")]
+        tokenizer_files = [p for p in manifest.files if p.startswith("tokenizer/")]
         if verify:
             verify_files(manifest, tokenizer_files)
         if target in ("onnx", "ort", "phone"):
@@ -60,9 +60,9 @@ class MeissonicRuntime:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        own = self.manifest.model["defaults"].get("resolution")
-        if own is not None and tuple(own) in self.manifest.resolutions:
-            return tuple(own)
+        own = self.manifest.model.defaults.resolution
+        if own is not None and own in self.manifest.resolutions:
+            return own
         return max(self.manifest.resolutions, key=lambda r: r[0] * r[1])
 
     def generate(
@@ -87,10 +87,10 @@ class MeissonicRuntime:
         its checkpoint's `generation_config.json`, or the official Meissonic ones); the size defaults to
         the model's resolution, else the bundle's largest."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        defaults = self.manifest.model["defaults"]
-        steps = defaults["steps"] if steps is None else steps
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        temperature = tuple(defaults["temperature"]) if temperature is None else tuple(temperature)
+        defaults = self.manifest.model.defaults
+        steps = defaults.steps if steps is None else steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        temperature = defaults.temperature if temperature is None else tuple(temperature)
         if width is None or height is None:
             width, height = self.default_size
         supported = self.manifest.resolutions

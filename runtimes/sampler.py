@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from .bundle import ModelFacts
 from .images import image_to_pixels, mask_to_grid, open_image, pixels_to_pil
 
 Graph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -49,22 +50,9 @@ class Backend:
 
 
 @dataclass
-class ModelFacts:
-    """What the loop needs to know about the model (from a bundle manifest's "model" section)."""
-
-    mask_token_id: int
-    vae_scale_factor: int = 16
-    aesthetic_score: float = 6.0
-
-    @classmethod
-    def from_manifest(cls, model: dict) -> ModelFacts:
-        return cls(model["mask_token_id"], model["vae_scale_factor"], model["defaults"]["aesthetic_score"])
-
-
-@dataclass
 class Request:
     """One generation. The sampling settings have no defaults here: they are the model's, and callers
-    take them from the bundle's manifest (`model.defaults`)."""
+    take them from the bundle's `ModelFacts.defaults`."""
 
     prompts: list[str]
     width: int
@@ -186,7 +174,7 @@ class Sampler:
         conditioning = {
             "encoder_hidden_states": np.concatenate([tile(neg_hidden), tile(hidden)]),
             "pooled_projections": np.concatenate([tile(neg_embeds), tile(embeds)]),
-            "micro_conds": np.tile(np.float32([[r.width, r.height, r.crop[0], r.crop[1], self.facts.aesthetic_score]]), (2 * batch, 1)),
+            "micro_conds": np.tile(np.float32([[r.width, r.height, r.crop[0], r.crop[1], self.facts.defaults.aesthetic_score]]), (2 * batch, 1)),
             "guidance_scale": np.float32([r.guidance_scale]),
         }
 

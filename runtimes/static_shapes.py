@@ -16,23 +16,23 @@ class StaticShapeGraph:
 
     def __init__(self, root: Path, entries: list[GraphEntry]):
         self.root, self.entries = root, entries
-        self.rows = {t["name"]: t["shape"][0] for t in entries[0].raw["inputs"]}  # "batch", "2*batch" or fixed
+        self.rows = {t.name: t.shape[0] for t in entries[0].inputs}  # "batch", "2*batch" or fixed
 
     def _entry(self, inputs: dict[str, np.ndarray]) -> GraphEntry:
         """The model whose static shapes take `inputs`: token grids match the model's own, images its
         resolution; the text encoder has one model."""
         for entry in self.entries:
             if "tokens" in inputs:
-                dims = entry.raw["static_shapes"]
+                dims = entry.static_shapes
                 fits = tuple(inputs["tokens"].shape[-2:]) == (dims["height"], dims["width"])
             elif "image" in inputs:
-                fits = [inputs["image"].shape[-1], inputs["image"].shape[-2]] == entry.raw["resolution"]
+                fits = (inputs["image"].shape[-1], inputs["image"].shape[-2]) == entry.resolution
             else:
                 fits = True
             if fits:
                 return entry
         shapes = {name: list(value.shape) for name, value in inputs.items() if name in ("tokens", "image")}
-        raise BundleError(f"no fixed-shape model of {self.entries[0].name} for {shapes} (models: {[e.raw.get('resolution') for e in self.entries]})")
+        raise BundleError(f"no fixed-shape model of {self.entries[0].name} for {shapes} (models: {[e.resolution for e in self.entries]})")
 
     def _run_one(self, entry: GraphEntry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError

@@ -112,6 +112,6 @@ def manifest(tiny_bundle):
 
 @pytest.fixture(scope="session")
 def info(golden_components):
-    from meissonic_export.graphs import ModelInfo
+    from meissonic_export.graphs import model_facts
 
-    return ModelInfo.from_components(golden_components)
+    return model_facts(golden_components)

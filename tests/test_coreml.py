@@ -34,7 +34,7 @@ from meissonic_export.coreml_chunks import convert_denoise_chunks, split_denoise
 from meissonic_export.coreml_convert import convert_graph, save_mlpackage
 from meissonic_export.coreml_fixes import converter_fixes
 from meissonic_export.coreml_fp16 import FP32_REGIONS
-from meissonic_export.graphs import GRAPHS, GraphSpec, ModelInfo, TensorSpec
+from meissonic_export.graphs import GRAPHS, GraphSpec, TensorSpec, model_facts
 from meissonic_export.validate import Budget, reference_outputs, sqnr_db, validate
 from reference.transformer import position_ids, rotary_tables
 from runtimes.coreml_backend import run_chunks
@@ -97,7 +97,7 @@ def check_parity(spec, module, cases, tolerance: Tolerance) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def info(golden_components):
-    return ModelInfo.from_components(golden_components)
+    return model_facts(golden_components)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def test_rotary_tables_fold_to_accurate_constants(package, golden_components):
     h, w = ONE_GRID[0] // 2, ONE_GRID[1] // 2
     cos, sin = (t.numpy().astype(np.float64) for t in rotary_tables(position_ids(h, w), config.axes_dims_rope))
     program = CoreMLProgram(package("denoise_step", "fp16", ONE_GRID))
-    values = program.trace(_inputs("denoise_step", ModelInfo.from_components(golden_components), ONE_GRID))
+    values = program.trace(_inputs("denoise_step", model_facts(golden_components), ONE_GRID))
     found = {}
     for op in program.operations:
         value = values[op.outputs[0].name]

@@ -21,7 +21,7 @@ from meissonic_export import export as export_module
 from meissonic_export.export import ExportError, ExportOptions, export_bundle
 from meissonic_export.graphs import GRAPHS
 from meissonic_export.validate import measure, reference_outputs
-from runtimes.bundle import BundleError, read_manifest, sha256_file, verify_files
+from runtimes.bundle import BundleError, ModelFacts, read_manifest, sha256_file, verify_files
 from runtimes.onnx_backend import OnnxGraph
 
 ATOL = 1e-4
@@ -104,6 +104,8 @@ def test_manifest_is_complete_and_true(manifest, tiny_bundle):
         assert raw["tool"][library]
     assert raw["source"]["configs"]["transformer"]["codebook_size"] == 64
     assert raw["model"]["mask_token_id"] == 71 and raw["resolutions"] == [[512, 512], [192, 128]]
+    assert ModelFacts.from_json(raw["model"]) == manifest.model and manifest.model.to_json() == raw["model"]  # the typed section round-trips
+    assert manifest.model.text_vocab_size == 49408 and manifest.model.defaults.steps == 48  # the golden CLIP's vocabulary; the official steps
     verify_files(manifest)
 
 

@@ -162,6 +162,14 @@ def test_unknown_format_version(bundle_copy):
     _error([bundle_copy, "a cat"], "bundle format version 99 is not supported")
 
 
+def test_model_section_lacking_a_fact(bundle_copy):
+    manifest = bundle_copy / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    del raw["model"]["mask_token_id"]
+    manifest.write_text(json.dumps(raw))
+    _error([bundle_copy, "a cat"], "bad manifest: model section: missing ['mask_token_id']")
+
+
 def test_missing_and_corrupt_files(bundle_copy):
     (bundle_copy / "onnx/fp32/vq_decoder/model.onnx").unlink()
     _error([bundle_copy, "a cat", "--steps", "1", "--size", "192x128"], "vq_decoder/model.onnx: missing from the bundle")
@@ -212,7 +220,7 @@ def test_each_step_is_reported_with_a_preview_and_can_be_cancelled(runtime):
     request = {"prompt": "a cat", "steps": 4, "width": SIZE[0], "height": SIZE[1], "seed": 3, "progress": False}
     reports = []
     result = runtime.generate(**request, on_step=lambda r: reports.append((r.step, r.tokens.copy(), r.preview())))
-    mask_id = runtime.manifest.model["mask_token_id"]
+    mask_id = runtime.manifest.model.mask_token_id
     assert [step for step, _, _ in reports] == [0, 1, 2, 3]
     still_masked = [int((tokens == mask_id).sum()) for _, tokens, _ in reports]
     assert still_masked == sorted(still_masked, reverse=True) and still_masked[0] > 0 and still_masked[-1] == 0, still_masked

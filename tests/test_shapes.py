@@ -101,7 +101,7 @@ def test_bundle_carries_the_model_card_settings(shapes_bundle):
     from runtimes.pipeline import MeissonicRuntime
 
     runtime = MeissonicRuntime.from_bundle(shapes_bundle)
-    defaults = runtime.manifest.model["defaults"]
+    defaults = runtime.manifest.model.defaults.to_json()
     assert {k: defaults[k] for k in ("steps", "guidance_scale", "temperature", "resolution")} == {
         k: SHAPES_GENERATION[k] for k in ("steps", "guidance_scale", "temperature", "resolution")
     }
