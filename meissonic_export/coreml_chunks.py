@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reference.transformer import TEXT_POSITIONS, MeissonicTransformer
+from reference.transformer import TEXT_POSITIONS
 from runtimes.coreml_backend import run_chunks
 
 from .coreml_convert import convert_graph, ct
@@ -60,37 +60,40 @@ def _stream(name: str) -> str:
     return stem if index.isdigit() and stem in _HIDDEN else name
 
 
-class DenoiseChunk(MeissonicTransformer):
+class DenoiseChunk(nn.Module):
     """Blocks [start, stop) of a DenoiseStepGraph, with the embeddings if first and the head if last.
 
-    A partial MeissonicTransformer: it registers only the modules it runs (a package holds its own
-    weights and no others) and inherits the transformer's `embed_inputs`, `rotary` and `head`, so it
-    computes the whole graph's operations, cut between blocks (the tests check that chained chunks equal
-    the whole graph bit for bit). Its arguments are `input_names` in order; it returns `output_names`."""
+    It registers only the modules it runs (a package holds its own weights and no others) and calls the
+    step's own transformer for `embed_inputs`, `rotary` and the head, so it computes the whole graph's
+    operations, cut between blocks (the tests check that chained chunks equal the whole graph bit for
+    bit). The transformer is held outside the module tree; its modules that the chunk runs are the
+    chunk's registered ones (the same objects), so torch.export lifts exactly those weights. Its
+    arguments are `input_names` in order; it returns `output_names`."""
 
     def __init__(self, step: DenoiseStepGraph, start: int, stop: int, grid: tuple[int, int], spec: GraphSpec):
-        nn.Module.__init__(self)  # not MeissonicTransformer.__init__: share the step's modules, build none
+        super().__init__()
         t = step.transformer
-        self.config, self.grid, self.start, self.stop = t.config, grid, start, stop
+        self._transformer = (t,)  # a tuple: not registered, so its other blocks' weights are not this chunk's
+        self.grid, self.start, self.stop = grid, start, stop
         self.dual_blocks = len(t.transformer_blocks)
         blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
         self.blocks = nn.ModuleList(blocks[start:stop])
         self.first, self.last = start == 0, stop == len(blocks)
         shared = (_EMBEDDING_MODULES if self.first else ()) + (_HEAD_MODULES if self.last else ())
-        for name in shared:
-            if hasattr(t, name):  # down_block and up_block exist only in downsampling models
-                setattr(self, name, getattr(t, name))
+        # down_block and up_block exist only in downsampling models
+        self.shared = nn.ModuleDict({name: getattr(t, name) for name in shared if hasattr(t, name)})
         self.input_names, self.output_names = spec.input_names(), spec.output_names()
 
     def forward(self, *args):
+        t = self._transformer[0]
         values = {_stream(name): value for name, value in zip(self.input_names, args)}
-        factor = 2 if self.config.downsample else 1
+        factor = 2 if t.config.downsample else 1
         h, w = self.grid[0] // factor, self.grid[1] // factor
         if self.first:  # [negative, positive] rows, as DenoiseStepGraph does
             tokens, *conditioning = (values[n] for n in _TRANSFORMER_INPUTS)
-            values["image_hidden"], values["text_hidden"], values["temb"], _ = self.embed_inputs(torch.cat([tokens, tokens]), *conditioning)
+            values["image_hidden"], values["text_hidden"], values["temb"], _ = t.embed_inputs(torch.cat([tokens, tokens]), *conditioning)
         temb = values["temb"]
-        rotary = self.rotary(h, w, temb.device)
+        rotary = t.rotary(h, w, temb.device)
         for index, block in zip(range(self.start, self.stop), self.blocks):
             if index < self.dual_blocks:
                 values["image_hidden"], values["text_hidden"] = block(values["image_hidden"], values["text_hidden"], temb, rotary)
@@ -100,7 +103,7 @@ class DenoiseChunk(MeissonicTransformer):
                 values["joint_hidden"] = block(values["joint_hidden"], temb, rotary)
         if self.last:
             x = values["joint_hidden"][:, TEXT_POSITIONS:] if "joint_hidden" in values else values["image_hidden"]
-            probs = guided_probabilities(self, x, h, w, values["guidance_scale"], x.shape[0] // 2)
+            probs = guided_probabilities(t, x, h, w, values["guidance_scale"], x.shape[0] // 2)
             values["sampled_tokens"], values["log_probs"] = draw(probs, values["uniforms"])
         return tuple(values[_stream(name)] for name in self.output_names)
 

@@ -437,6 +437,11 @@ def test_coreml_chunks_chained_equal_the_whole_package(tmp_path, package, module
     assert converted[0][0].spec.output_names() == ["image_hidden_1", "text_hidden_1", "temb"]
     assert converted[-1][0].spec.output_names() == spec.output_names()
     programs = [CoreMLProgram(save_mlpackage(model, tmp_path / chunk.spec.name)) for chunk, model in converted]
+    for (chunk, _), program in zip(converted, programs):  # each package stores its own weights, no other chunk's
+        stored = {name for name in program.constants() if name.startswith("p_")}
+        own = {"p_" + name.replace(".", "_") for name, _ in chunk.module.named_parameters()}
+        # the converter folds a norm's scale into its neighbour (the down block's norm), so one may be absent
+        assert stored <= own and all(name.endswith("norm_weight") for name in own - stored), (chunk.spec.name, stored ^ own)
     chained = run_chunks(programs, inputs, [c.spec.input_names() for c, _ in converted])
     whole = CoreMLProgram(package("denoise_step", "fp32", ONE_GRID))(inputs)
     np.testing.assert_array_equal(chained["sampled_tokens"], whole["sampled_tokens"])
