@@ -9,6 +9,7 @@ Symbolic dims: `batch` images, `height` x `width` the token grid (16x smaller th
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,20 +25,51 @@ from runtimes.bundle import GenerationDefaults, ModelFacts
 class TensorSpec:
     name: str
     dtype: str  # "float32" or "int64" (token ids; Core ML uses int32)
-    shape: tuple  # ints and symbolic expressions of batch/height/width
+    shape: tuple  # ints and symbolic sizes (`SymbolicDim` text) of batch/height/width and the model's constants
     kind: str = "float"  # how validation compares it: "float", "logits" (float + top-1), "image", "ids"
     doc: str = ""
 
 
+@dataclass(frozen=True)
+class SymbolicDim:
+    """A symbolic size, `offset + factor * product(names) / divisor`, written as the specs write it:
+    "batch", "2*batch", "F*height", "height*width", "77+height*width/4". Parsed once here; the ONNX dim
+    names, the torch.export dims (`onnx_export`) and the phone graphs' fixed sizes (`ort_format`) read it."""
+
+    names: tuple[str, ...]
+    factor: int = 1
+    divisor: int = 1
+    offset: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> SymbolicDim:
+        offset, _, rest = text.rpartition("+")
+        product, _, divisor = rest.partition("/")
+        factors = product.split("*")
+        names = tuple(f for f in factors if not f.isdigit())
+        factor = math.prod(int(f) for f in factors if f.isdigit())
+        return cls(names, factor, int(divisor or 1), int(offset or 0))
+
+    def resolve(self, constants: dict[str, int]) -> SymbolicDim | int:
+        """The checkpoint's constants folded in: "F*height" -> 16*height; "J" -> 1024."""
+        names = tuple(n for n in self.names if n not in constants)
+        factor = self.factor * math.prod(constants[n] for n in self.names if n in constants)
+        folded = SymbolicDim(names, factor, self.divisor, self.offset)
+        return folded.value({}) if not names else folded
+
+    def value(self, dims: dict[str, int]) -> int:
+        """The size for concrete `dims` (batch, height, width)."""
+        return self.offset + self.factor * math.prod(dims[n] for n in self.names) // self.divisor
+
+    def __str__(self) -> str:
+        product = "*".join(([str(self.factor)] if self.factor != 1 or not self.names else []) + list(self.names))
+        return (f"{self.offset}+" if self.offset else "") + product + (f"/{self.divisor}" if self.divisor != 1 else "")
+
+
 def resolve_shape(shape: tuple, constants: dict[str, int]) -> tuple:
     """Fill in a checkpoint's constants: ("batch", "J") -> ("batch", 1024); "F*height" -> "16*height"."""
-    resolved = []
-    for expr in shape:
-        if isinstance(expr, str):
-            expr = "*".join(str(constants.get(part, part)) for part in expr.split("*"))
-            expr = int(expr) if expr.isdigit() else expr
-        resolved.append(expr)
-    return tuple(resolved)
+    resolved = (SymbolicDim.parse(expr).resolve(constants) if isinstance(expr, str) else expr for expr in shape)
+    return tuple(d if isinstance(d, int) else str(d) for d in resolved)
 
 
 def model_facts(components: dict[str, nn.Module], pad_token_id: int | None = None, defaults: GenerationDefaults | None = None) -> ModelFacts:

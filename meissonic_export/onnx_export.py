@@ -10,7 +10,6 @@ opset it emits; onnxruntime's optimizer fuses the decomposed GELU/LayerNorm patt
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from torch.export import Dim
 from quantize import graph_files
 from runtimes.quiet import quiet
 
-from .graphs import GraphSpec
+from .graphs import GraphSpec, SymbolicDim
 
 OPSET = 18
 MAX_GRID_HALF = 128  # token grids up to 256 x 256 (4096 px)
@@ -39,13 +38,12 @@ def _dynamic_shapes(spec: GraphSpec, shapes: dict[str, tuple]) -> dict:
     def dim(expr):
         if isinstance(expr, int):
             return None
-        if expr == "height*width":
+        d = SymbolicDim.parse(expr)
+        if (d.divisor, d.offset) == (1, 0) and d.names == ("height", "width"):
             return Dim.AUTO
-        match = re.fullmatch(r"(?:(\d+)\*)?(batch|height|width)", expr)
-        if not match:
+        if (d.divisor, d.offset) != (1, 0) or len(d.names) != 1 or d.names[0] not in ("batch", "height", "width"):
             raise ValueError(f"{spec.name}: cannot express dim {expr!r} for torch.export")
-        factor, name = int(match.group(1) or 1), match.group(2)
-        return factor * batch if name == "batch" else 2 * factor * half[name]
+        return d.factor * batch if d.names == ("batch",) else 2 * d.factor * half[d.names[0]]
 
     dynamic = {}
     for tensor in spec.inputs:

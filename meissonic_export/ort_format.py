@@ -10,7 +10,6 @@ their ORT twins: the mobile usability checker and onnxruntime's full builds read
 """
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from pathlib import Path
@@ -27,6 +26,8 @@ from onnxruntime.tools.ort_format_model.utils import create_config_from_models
 
 from runtimes.onnx_backend import PHONE_POOLING_INPUT, PHONE_STEP_OUTPUT
 from runtimes.quiet import quiet
+
+from .graphs import SymbolicDim
 
 ORT_FORMAT_LIMIT = 2**31 - 1  # flatbuffers: one ORT-format file holds at most 2 GB, weights included
 OPERATORS_CONFIG = "required_operators_and_types.config"
@@ -60,7 +61,7 @@ def phone_graph(onnx_path: Path, out_dir: Path, dims: dict[str, int], app_side: 
     for value in (*model.graph.input, *model.graph.output):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
-                make_dim_param_fixed(model.graph, dim.dim_param, _dimension(dim.dim_param, dims))
+                make_dim_param_fixed(model.graph, dim.dim_param, SymbolicDim.parse(dim.dim_param).value(dims))
     out_dir.mkdir(parents=True, exist_ok=True)
     fixed, path = out_dir / "fixed.onnx", out_dir / "model.onnx"
     onnx.save(model, str(fixed))
@@ -157,11 +158,6 @@ def _prune(model: onnx.ModelProto) -> None:
     del graph.input[:], graph.initializer[:]
     graph.input.extend(inputs)
     graph.initializer.extend(initializers)
-
-
-def _dimension(name: str, dims: dict[str, int]) -> int:
-    """A dimension name as the exporter writes them ("batch", "2*batch", "height*width", "16*height")."""
-    return math.prod(int(factor) if factor.isdigit() else dims[factor] for factor in name.split("*"))
 
 
 class _Rewriter:

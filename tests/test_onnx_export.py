@@ -19,7 +19,7 @@ import pytest
 
 from meissonic_export import export as export_module
 from meissonic_export.export import ExportError, ExportOptions, export_bundle
-from meissonic_export.graphs import GRAPHS
+from meissonic_export.graphs import GRAPHS, SymbolicDim
 from meissonic_export.validate import measure, reference_outputs
 from runtimes.bundle import BundleError, ModelFacts, read_manifest, sha256_file, verify_files
 from runtimes.onnx_backend import OnnxGraph
@@ -277,3 +277,20 @@ def test_a_wrong_op_still_fails_the_float32_image_bound(golden_components, info)
     report = validate(spec, module, wrong, inputs, BUDGETS["fp32"], expected)
     assert any("max abs error" in failure for failure in report["failures"]), report
     assert report["outputs"]["image"]["image_bound"] < 1e-3
+
+
+@pytest.mark.parametrize(
+    "text, resolved, size",
+    [
+        ("batch", "batch", 2), ("2*batch", "2*batch", 4), ("F*height", "16*height", 128), ("height*width", "height*width", 48),
+        ("77+height*width/4", "77+height*width/4", 89), ("J", 1024, 1024),
+    ],
+)  # fmt: skip
+def test_symbolic_sizes_are_parsed_once_and_read_alike(text, resolved, size):
+    """One parser for the specs' size strings: the ONNX dim names (constants folded in), the phone graphs'
+    fixed sizes (batch 2, grid 8 x 6 here) and the text itself, unchanged."""
+    dim = SymbolicDim.parse(text)
+    assert str(dim) == text
+    folded = dim.resolve({"J": 1024, "F": 16})
+    assert (folded if isinstance(folded, int) else str(folded)) == resolved
+    assert (folded if isinstance(folded, int) else SymbolicDim.parse(str(folded)).value({"batch": 2, "height": 8, "width": 6})) == size
