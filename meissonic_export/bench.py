@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from reference.scheduler import categorical_by_inverse_cdf
-from runtimes.bundle import ModelFacts
-from runtimes.onnx_backend import OnnxGraph, OnnxOptions
+from meissonic.reference.scheduler import categorical_by_inverse_cdf
+from meissonic.runtimes.bundle import ModelFacts
+from meissonic.runtimes.onnx_backend import OnnxGraph, OnnxOptions
 
 from .graphs import GRAPHS, draw, model_facts, transformer_facts
 
@@ -177,12 +177,12 @@ def _top(per_op: dict[str, float], count: int = 6) -> dict[str, float]:
 
 
 def run_bench(options: BenchOptions) -> Results:
-    from reference.checkpoint import COMPONENTS, load_component
-    from reference.pipeline import MeissonicPipeline
-    from reference.presets import write_checkpoint
-    from reference.scheduler import UniformNoise
-    from runtimes.bundle import read_manifest
-    from runtimes.pipeline import MeissonicRuntime
+    from meissonic.reference.checkpoint import COMPONENTS, load_component
+    from meissonic.reference.pipeline import MeissonicPipeline
+    from meissonic.reference.presets import write_checkpoint
+    from meissonic.reference.scheduler import UniformNoise
+    from meissonic.runtimes.bundle import read_manifest
+    from meissonic.runtimes.pipeline import MeissonicRuntime
 
     from .export import ExportOptions, export_bundle
 
@@ -235,7 +235,7 @@ def run_bench(options: BenchOptions) -> Results:
         results.peak_rss_mb["pytorch"] = _peak_rss([sys.executable, "-m", "meissonic_export.cli", "reference", str(checkpoint), "a cat", "--size", str(size), "--steps", str(options.steps), "--out", str(scratch / "ref.png")])
         for variant in variants:
             results.peak_rss_mb[variant] = _peak_rss(
-                [sys.executable, "-m", "runtimes.cli", str(bundle), "a cat", "--size", str(size), "--steps", str(options.steps), "--variant", variant,
+                [sys.executable, "-m", "meissonic.runtimes.cli", str(bundle), "a cat", "--size", str(size), "--steps", str(options.steps), "--variant", variant,
                  "--threads", str(options.threads), "--no-progress", "--out", str(scratch / f"{variant}.png")]
             )  # fmt: skip
         bar.update()
@@ -275,10 +275,10 @@ def _peak_rss(command: list[str]) -> float:
 
 def _one_step_1b(grid: int, options: BenchOptions, scratch: Path) -> dict:
     """Random-weight 1B transformer: one denoise step in PyTorch, and in onnxruntime float32 and int4."""
-    from quantize.onnx_quant import quantize_graph
-    from quantize.recipe import Recipe, quantizable_layers
-    from reference.presets import PRESETS
-    from reference.transformer import MeissonicTransformer
+    from meissonic.quantize.onnx_quant import quantize_graph
+    from meissonic.quantize.recipe import Recipe, quantizable_layers
+    from meissonic.reference.presets import PRESETS
+    from meissonic.reference.transformer import MeissonicTransformer
 
     from .onnx_export import export_onnx, trace_inputs
 

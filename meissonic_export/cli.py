@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from runtimes.cli_common import (
+from meissonic.runtimes.cli_common import (
     ArgumentParser,
     HelpFormatter,
     UsageError,
@@ -19,7 +19,7 @@ from runtimes.cli_common import (
     run_main,
     save_images,
 )
-from runtimes.limits import check_int
+from meissonic.runtimes.limits import check_int
 
 from .options import (
     DEFAULT_GRAPHS,
@@ -45,7 +45,7 @@ def _owned_checkpoint(folder: Path) -> bool:
 def _make_checkpoint(args) -> None:
     check_int("--seed", args.seed, 0, 2**32 - 1)
     check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder", option="OUT")
-    from reference.presets import TRAINED, write_checkpoint
+    from meissonic.reference.presets import TRAINED, write_checkpoint
 
     out = write_checkpoint(args.preset, args.out, seed=args.seed, overwrite=args.overwrite)
     kind = "the trained" if args.preset in TRAINED else "a random-weight"
@@ -56,7 +56,7 @@ def _train(args) -> None:
     check_int("--seed", args.seed, 0, 2**32 - 1)
     check_int("--threads", args.threads, 1, 256)
     check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder", option="OUT")
-    from reference.training import TrainConfig, train_shapes
+    from meissonic.reference.training import TrainConfig, train_shapes
 
     config = TrainConfig(seed=args.seed, threads=args.threads)
     report = train_shapes(args.out, config, progress=not args.no_progress, overwrite=args.overwrite)
@@ -71,7 +71,7 @@ def _reference(args) -> None:
     check_output_file("--out", args.out)
     import torch
 
-    from reference.pipeline import MeissonicPipeline
+    from meissonic.reference.pipeline import MeissonicPipeline
 
     pipe = MeissonicPipeline.from_pretrained(args.checkpoint)
     result = pipe(
@@ -118,7 +118,7 @@ def _evaluate(args) -> None:
 
 
 def _port_kit(args) -> None:
-    from runtimes.bundle import BundleError, read_manifest
+    from meissonic.runtimes.bundle import BundleError, read_manifest
 
     from .port_kit import is_port_kit_written_here
 
@@ -177,8 +177,8 @@ def _print_summary(manifest: dict, out: Path) -> None:
 
 
 def _sensitivity(args) -> None:
+    from meissonic.reference.checkpoint import load_component
     from meissonic_export.sensitivity import analyse, format_table, write_report
-    from reference.checkpoint import load_component
 
     bits = tuple(int(b) for b in names(args.bits))
     if not bits or set(bits) - {4, 8}:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from reference.transformer import TEXT_POSITIONS
-from runtimes.coreml_backend import run_chunks
+from meissonic.reference.transformer import TEXT_POSITIONS
+from meissonic.runtimes.coreml_backend import run_chunks
 
 from .coreml_convert import convert_graph, ct
 from .coreml_fp16 import FP32_REGIONS

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtimes.quiet import quiet
+from meissonic.runtimes.quiet import quiet
 
 from .coreml_fixes import converter_fixes
 from .coreml_fp16 import FP32_REGIONS, Fp32Regions

@@ -23,7 +23,7 @@ import contextlib
 
 import numpy as np
 
-from runtimes.quiet import quiet
+from meissonic.runtimes.quiet import quiet
 
 with quiet():  # coremltools logs on import that torch 2.13 is untested and, off macOS, that its native Core ML library is absent
     from coremltools.converters.mil import Builder as mb

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from runtimes.coreml_eval import input_vars, is_constant
+from meissonic.runtimes.coreml_eval import input_vars, is_constant
 
 FP32_REGIONS = ("angles", "sampling", "norm_statistics")
 

@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from reference import shapes
-from runtimes.bundle import read_manifest
-from runtimes.cli_common import write_atomically
-from runtimes.images import pixels_to_pil
+from meissonic.reference import shapes
+from meissonic.runtimes.bundle import read_manifest
+from meissonic.runtimes.cli_common import write_atomically
+from meissonic.runtimes.images import pixels_to_pil
 
 from .options import EvaluateOptions, ExportError
 
@@ -28,7 +28,7 @@ MAX_ACCURACY_LOSS_POINTS = 3.0  # a quantized variant may lose at most this much
 
 def _generators(bundle: Path, options: EvaluateOptions):
     """(row name, generate(prompt, seed) -> (tokens [H,W], uint8 image [h,w,3])) for each row."""
-    from runtimes.pipeline import MeissonicRuntime
+    from meissonic.runtimes.pipeline import MeissonicRuntime
 
     manifest = read_manifest(bundle)
     defaults = manifest.model.defaults
@@ -61,8 +61,8 @@ def _generators(bundle: Path, options: EvaluateOptions):
 def _reference_generator(manifest, defaults):
     import torch
 
-    from reference.pipeline import MeissonicPipeline
-    from reference.scheduler import UniformNoise
+    from meissonic.reference.pipeline import MeissonicPipeline
+    from meissonic.reference.scheduler import UniformNoise
 
     checkpoint = Path(manifest.source["checkpoint"])
     pipe = MeissonicPipeline.from_pretrained(checkpoint)

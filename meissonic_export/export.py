@@ -26,16 +26,16 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from quantize.graph_files import onnx_files
-from quantize.onnx_quant import dequantized_weights, quantize_graph
-from quantize.recipe import Recipe, RecipeError, quantizable_layers
-from quantize.report import sampling_quality
-from quantize.variants import VARIANTS
-from reference.checkpoint import COMPONENTS, load_component, read_config
-from reference.pipeline import load_scheduler, load_tokenizer
-from runtimes.bundle import FORMAT_VERSION, MANIFEST, GraphEntry, ModelFacts, sha256_file
-from runtimes.coreml_backend import CoreMLGraph
-from runtimes.onnx_backend import PHONE_POOLING_INPUT, PHONE_STEP_OUTPUT, OnnxGraph, PhoneGraph
+from meissonic.quantize.graph_files import onnx_files
+from meissonic.quantize.onnx_quant import dequantized_weights, quantize_graph
+from meissonic.quantize.recipe import Recipe, RecipeError, quantizable_layers
+from meissonic.quantize.report import sampling_quality
+from meissonic.quantize.variants import VARIANTS
+from meissonic.reference.checkpoint import COMPONENTS, load_component, read_config
+from meissonic.reference.pipeline import load_scheduler, load_tokenizer
+from meissonic.runtimes.bundle import FORMAT_VERSION, MANIFEST, GraphEntry, ModelFacts, sha256_file
+from meissonic.runtimes.coreml_backend import CoreMLGraph
+from meissonic.runtimes.onnx_backend import PHONE_POOLING_INPUT, PHONE_STEP_OUTPUT, OnnxGraph, PhoneGraph
 
 from .evaluate import MAX_ACCURACY_LOSS_POINTS, accuracy_gate, evaluate_bundle
 from .graphs import GRAPHS, TEXT_POSITIONS, GraphSpec, model_facts
@@ -398,7 +398,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelFacts, cases, stagi
     and saved one at a time, and validated from disk afterwards: the 1B step held in memory whole, in
     two targets and compressed, came within 1 GB of this machine's 24 GB."""
     # coremltools is imported here, not at the top: it takes seconds to load and ONNX-only exports never need it
-    from quantize.coreml_quant import compress, compressed_weights, recipe_for, weight_constants
+    from meissonic.quantize.coreml_quant import compress, compressed_weights, recipe_for, weight_constants
 
     from .coreml_convert import save_mlpackage
     from .coreml_fp16 import FP32_REGIONS

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from reference.transformer import TEXT_POSITIONS
-from runtimes.bundle import GenerationDefaults, ModelFacts
+from meissonic.reference.transformer import TEXT_POSITIONS
+from meissonic.runtimes.bundle import GenerationDefaults, ModelFacts
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import onnx
 import torch
 from torch.export import Dim
 
-from quantize import graph_files
-from runtimes.quiet import quiet
+from meissonic.quantize import graph_files
+from meissonic.runtimes.quiet import quiet
 
 from .graphs import GraphSpec, SymbolicDim
 

@@ -9,12 +9,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize.variants import BASE_PRECISIONS, VARIANTS, quantized_variants
-from reference.folder import CheckpointError
-from reference.folder import check_checkpoint_folder as check_folder
-from runtimes.bundle import MANIFEST, GenerationDefaults
-from runtimes.json_files import read_json_object
-from runtimes.limits import MAX_SIDE
+from meissonic.quantize.variants import BASE_PRECISIONS, VARIANTS, quantized_variants
+from meissonic.reference.folder import CheckpointError
+from meissonic.reference.folder import check_checkpoint_folder as check_folder
+from meissonic.runtimes.bundle import MANIFEST, GenerationDefaults
+from meissonic.runtimes.json_files import read_json_object
+from meissonic.runtimes.limits import MAX_SIDE
 
 # ort: the ONNX graphs also as ORT-format models for apps (the .onnx files are written too: they are the source)
 TARGETS = ("onnx", "ort", "coreml")
@@ -63,7 +63,7 @@ class ExportOptions:
 
     def load_recipes(self) -> dict:
         """variant -> Recipe for every variant but the base precision."""
-        from quantize.recipe import Recipe
+        from meissonic.quantize.recipe import Recipe
 
         schemes = {VARIANTS[q].scheme for q in self.quantize if q != self.dtype}
         recipes = {scheme: Recipe.load(scheme, self.block_size) for scheme in schemes}
@@ -187,7 +187,7 @@ class EvaluateOptions:
 
 
 def check_evaluate_options(bundle: Path, options: EvaluateOptions) -> None:
-    from runtimes.limits import check_int
+    from meissonic.runtimes.limits import check_int
 
     check_int("--count", options.count, 1, 100_000)
     check_int("--held-out-seeds", options.held_out_seeds, 0, 1000)

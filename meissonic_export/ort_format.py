@@ -24,8 +24,8 @@ from onnxruntime.tools.mobile_helpers.usability_checker import check_coreml_part
 from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, make_dim_param_fixed, optimize_model
 from onnxruntime.tools.ort_format_model.utils import create_config_from_models
 
-from runtimes.onnx_backend import PHONE_POOLING_INPUT, PHONE_STEP_OUTPUT
-from runtimes.quiet import quiet
+from meissonic.runtimes.onnx_backend import PHONE_POOLING_INPUT, PHONE_STEP_OUTPUT
+from meissonic.runtimes.quiet import quiet
 
 from .graphs import SymbolicDim
 

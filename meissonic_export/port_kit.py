@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from runtimes.pipeline import MeissonicRuntime
-from runtimes.sampler import LOG_FLOAT32_MAX, Backend, cosine_mask_ratio, gumbel, linspace_float32
-from runtimes.tokenizer import CLIPTokenizer
+from meissonic.runtimes.pipeline import MeissonicRuntime
+from meissonic.runtimes.sampler import LOG_FLOAT32_MAX, Backend, cosine_mask_ratio, gumbel, linspace_float32
+from meissonic.runtimes.tokenizer import CLIPTokenizer
 
 KIT_VERSION = 1
 KIT_FILE = "kit.json"

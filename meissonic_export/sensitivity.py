@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from quantize.metrics import sqnr_db
-from quantize.recipe import QuantLayer, quantizable_layers
+from meissonic.quantize.metrics import sqnr_db
+from meissonic.quantize.recipe import QuantLayer, quantizable_layers
 
 from .graphs import GRAPHS, transformer_facts
 

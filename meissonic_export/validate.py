@@ -18,8 +18,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from quantize.metrics import psnr_db, sqnr_db
-from quantize.variants import VARIANTS, Budget
+from meissonic.quantize.metrics import psnr_db, sqnr_db
+from meissonic.quantize.variants import VARIANTS, Budget
 
 from .graphs import GraphSpec
 

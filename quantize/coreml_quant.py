@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from runtimes.quiet import quiet
+from meissonic.runtimes.quiet import quiet
 
 from .recipe import Recipe
 from .variants import VARIANTS
@@ -54,7 +54,7 @@ def _layer(name: str, constants: dict[str, str]) -> str | None:
 
 def compressed_weights(path, constants: dict[str, str]) -> dict[str, np.ndarray]:
     """layer -> the float32 weight a saved package computes with (compressed weights materialised)."""
-    from runtimes.coreml_eval import CoreMLProgram
+    from meissonic.runtimes.coreml_eval import CoreMLProgram
 
     found = {}
     for name, value in CoreMLProgram(path).constants().items():

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from runtimes.quiet import quiet
+from meissonic.runtimes.quiet import quiet
 
 from . import graph_files
 

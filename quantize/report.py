@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtimes.bundle import Manifest
-from runtimes.coreml_backend import CoreMLBackend
-from runtimes.onnx_backend import OnnxBackend
-from runtimes.sampler import Request, Sampler
-from runtimes.tokenizer import CLIPTokenizer
+from meissonic.runtimes.bundle import Manifest
+from meissonic.runtimes.coreml_backend import CoreMLBackend
+from meissonic.runtimes.onnx_backend import OnnxBackend
+from meissonic.runtimes.sampler import Request, Sampler
+from meissonic.runtimes.tokenizer import CLIPTokenizer
 
 from .metrics import psnr_db
 

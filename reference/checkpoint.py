@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig
 
-from runtimes.json_files import read_json_object
+from meissonic.runtimes.json_files import read_json_object
 
 from .folder import CheckpointError, check_checkpoint_folder
 from .text_encoder import TextEncoder

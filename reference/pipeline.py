@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from runtimes.images import image_to_pixels, mask_to_grid, open_image, pixels_to_pil
+from meissonic.runtimes.images import image_to_pixels, mask_to_grid, open_image, pixels_to_pil
 
 from .checkpoint import _read_json, load_component
 from .folder import CheckpointError, check_checkpoint_folder

@@ -45,7 +45,7 @@ def load_package(path: Path, function: str | None = None):
 
         model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL, **({"function_name": function} if function else {}))
         return lambda inputs: {k: np.asarray(v) for k, v in model.predict(inputs).items()}
-    from runtimes.coreml_eval import CoreMLProgram
+    from meissonic.runtimes.coreml_eval import CoreMLProgram
 
     return CoreMLProgram(path, function=function or "main")
 

@@ -1,6 +1,6 @@
 """The runtime's Python API: a bundle in, images out. numpy + onnxruntime (or Core ML), no torch.
 
-    from runtimes.pipeline import MeissonicRuntime
+    from meissonic.runtimes.pipeline import MeissonicRuntime
     runtime = MeissonicRuntime.from_bundle("bundle/")
     result = runtime.generate("a photo of a cat", steps=48, guidance_scale=9, seed=0)
     result.images[0].save("cat.png")

@@ -71,9 +71,9 @@ def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
     (the export writes its manifest last, atomically, so a manifest means a complete bundle)."""
     from filelock import FileLock
 
+    from meissonic.runtimes.bundle import MANIFEST
     from meissonic_export.export import ExportOptions, export_bundle
     from meissonic_export.options import GRAPH_NAMES
-    from runtimes.bundle import MANIFEST
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above each worker's
@@ -90,14 +90,14 @@ def tiny_bundle(tmp_path_factory, golden_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def golden_pipeline(golden_checkpoint):
     """The PyTorch reference pipeline on the golden checkpoint."""
-    from reference.pipeline import MeissonicPipeline
+    from meissonic.reference.pipeline import MeissonicPipeline
 
     return MeissonicPipeline.from_pretrained(golden_checkpoint)
 
 
 @pytest.fixture(scope="session")
 def golden_components(golden_checkpoint):
-    from reference.checkpoint import COMPONENTS, load_component
+    from meissonic.reference.checkpoint import COMPONENTS, load_component
 
     return {name: load_component(golden_checkpoint, name) for name in COMPONENTS}
 
@@ -105,7 +105,7 @@ def golden_components(golden_checkpoint):
 @pytest.fixture(scope="session")
 def manifest(tiny_bundle):
     """The session bundle's manifest, read through the runtime's reader."""
-    from runtimes.bundle import read_manifest
+    from meissonic.runtimes.bundle import read_manifest
 
     return read_manifest(tiny_bundle)
 

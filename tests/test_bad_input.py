@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from meissonic.runtimes.cli import main as generate_main
 from meissonic_export.cli import main as export_main
-from runtimes.cli import main as generate_main
 
 BIG = str(2**64)
 
@@ -199,7 +199,7 @@ def test_manifest_missing_keys_is_one_line(tiny_bundle, tmp_path, capsys):
     ],
 )
 def test_python_api_refuses_the_same(kwargs, message, tiny_bundle, workspace):
-    from runtimes.pipeline import MeissonicRuntime, RuntimeInputError
+    from meissonic.runtimes.pipeline import MeissonicRuntime, RuntimeInputError
 
     runtime = MeissonicRuntime.from_bundle(tiny_bundle, verify=False)
     kwargs = {k: (workspace / "red.png" if v == "RED" else v) for k, v in kwargs.items()}
@@ -279,7 +279,7 @@ def _palette_image(color) -> Image.Image:
     ],
 )
 def test_every_image_mode_is_read_correctly(mode, make, expected, tmp_path):
-    from runtimes.images import image_to_pixels
+    from meissonic.runtimes.images import image_to_pixels
 
     image = make()
     assert image.mode == mode
@@ -290,7 +290,7 @@ def test_every_image_mode_is_read_correctly(mode, make, expected, tmp_path):
 
 
 def test_atomic_writes_leave_old_or_new_never_half(tmp_path):
-    from runtimes.cli_common import write_atomically
+    from meissonic.runtimes.cli_common import write_atomically
 
     target = tmp_path / "r.png"
     target.write_bytes(b"old")

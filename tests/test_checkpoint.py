@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from reference.checkpoint import CheckpointError, load_component
-from reference.pipeline import MeissonicPipeline
-from reference.presets import PRESETS, write_checkpoint
-from reference.transformer import MeissonicTransformer
-from reference.vqvae import VQModel
+from meissonic.reference.checkpoint import CheckpointError, load_component
+from meissonic.reference.pipeline import MeissonicPipeline
+from meissonic.reference.presets import PRESETS, write_checkpoint
+from meissonic.reference.transformer import MeissonicTransformer
+from meissonic.reference.vqvae import VQModel
 
 SPEC = Path(__file__).parent / "data" / "spec"  # copied from ../shared/spec
 TRANSFORMER_WEIGHTS = Path("transformer/diffusion_pytorch_model.safetensors")

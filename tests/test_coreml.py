@@ -30,15 +30,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from meissonic.reference.transformer import position_ids, rotary_tables
+from meissonic.runtimes.coreml_backend import run_chunks
+from meissonic.runtimes.coreml_eval import CoreMLProgram, UnsupportedOpError
 from meissonic_export.coreml_chunks import convert_denoise_chunks, split_denoise_step, torch_runner
 from meissonic_export.coreml_convert import convert_graph, save_mlpackage
 from meissonic_export.coreml_fixes import converter_fixes
 from meissonic_export.coreml_fp16 import FP32_REGIONS
 from meissonic_export.graphs import GRAPHS, GraphSpec, TensorSpec, model_facts
 from meissonic_export.validate import Budget, reference_outputs, sqnr_db, validate
-from reference.transformer import position_ids, rotary_tables
-from runtimes.coreml_backend import run_chunks
-from runtimes.coreml_eval import CoreMLProgram, UnsupportedOpError
 
 GRIDS = ((8, 8), (8, 12))  # (height, width) in tokens
 ONE_GRID = (8, 12)  # where one grid is enough: the non-square one
@@ -413,9 +413,9 @@ def test_chunks_balance_the_weight_bytes_of_the_1b_configuration():
     """On the meta device (no memory): the released 1B step (2.01 GB in float16) splits into chunks of
     nearly equal weight bytes, not equal block counts (a dual-stream block is 2.4x a single-stream
     one); three chunks are each under the Neural Engine's ~1 GB."""
+    from meissonic.reference.presets import PRESETS
+    from meissonic.reference.transformer import MeissonicTransformer
     from meissonic_export.graphs import DenoiseStepGraph
-    from reference.presets import PRESETS
-    from reference.transformer import MeissonicTransformer
 
     with torch.device("meta"):
         step = DenoiseStepGraph(MeissonicTransformer(PRESETS["meissonic-1b"].transformer))

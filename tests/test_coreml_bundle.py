@@ -21,12 +21,12 @@ import sys
 import numpy as np
 import pytest
 
+from meissonic.runtimes.bundle import verify_files
+from meissonic.runtimes.coreml_backend import CoreMLBackend
+from meissonic.runtimes.pipeline import MeissonicRuntime, RuntimeInputError
 from meissonic_export.export import COREML_GRAPHS, ExportError, ExportOptions, check_options
 from meissonic_export.graphs import GRAPHS
 from meissonic_export.validate import BUDGETS, psnr_db, validate
-from runtimes.bundle import verify_files
-from runtimes.coreml_backend import CoreMLBackend
-from runtimes.pipeline import MeissonicRuntime, RuntimeInputError
 
 from .conftest import EXPORT_RESOLUTIONS, check_whole_run_report
 
@@ -47,7 +47,7 @@ def coreml_bundle(tmp_path_factory, golden_checkpoint):
 
 @pytest.fixture(scope="session")
 def coreml_manifest(coreml_bundle):
-    from runtimes.bundle import read_manifest
+    from meissonic.runtimes.bundle import read_manifest
 
     return read_manifest(coreml_bundle)
 
@@ -90,7 +90,7 @@ def test_one_package_serves_every_resolution(coreml_manifest):
     """Per graph, variant (palettes apart) and chunk one multifunction package, one function per
     resolution, each entry pointing at its own; the weights are stored once (the package is far from
     twice one resolution's)."""
-    from runtimes.coreml_eval import CoreMLProgram
+    from meissonic.runtimes.coreml_eval import CoreMLProgram
 
     graphs = [g for g in coreml_manifest.graphs if g.target == "coreml" and "resolution" in g.raw and not g.variant.startswith("palette")]
     by_package: dict[str, list] = {}
@@ -155,7 +155,7 @@ def test_quantized_whole_run_report(coreml_manifest):
 def test_generate_cli_says_which_core_ml_it_uses(coreml_bundle, tmp_path):
     out = tmp_path / "cat.png"
     run = subprocess.run(
-        [sys.executable, "-m", "runtimes.cli", str(coreml_bundle), "a cat", "--backend", "coreml", "--variant", "int4",
+        [sys.executable, "-m", "meissonic.runtimes.cli", str(coreml_bundle), "a cat", "--backend", "coreml", "--variant", "int4",
          "--steps", "3", "--size", "192x128", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

@@ -32,7 +32,7 @@ def test_ci_runs_the_readme_test_command():
         ["meissonic_export.cli", "make-checkpoint", "--help"],
         ["meissonic_export.cli", "sensitivity", "--help"],
         ["meissonic_export.cli", "reference", "--help"],
-        ["runtimes.cli", "--help"],
+        ["meissonic.runtimes.cli", "--help"],
     ],
 )
 def test_help(command):

@@ -17,12 +17,12 @@ import numpy as np
 import onnx
 import pytest
 
+from meissonic.runtimes.bundle import BundleError, ModelFacts, read_manifest, sha256_file, verify_files
+from meissonic.runtimes.onnx_backend import OnnxGraph
 from meissonic_export import export as export_module
 from meissonic_export.export import ExportError, ExportOptions, export_bundle
 from meissonic_export.graphs import GRAPHS, SymbolicDim
 from meissonic_export.validate import measure, reference_outputs
-from runtimes.bundle import BundleError, ModelFacts, read_manifest, sha256_file, verify_files
-from runtimes.onnx_backend import OnnxGraph
 
 ATOL = 1e-4
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
@@ -216,7 +216,7 @@ def _vq_checkpoint(folder, vq_config):
     """A random checkpoint: the tiny preset's transformer and text encoder with this VQ-VAE."""
     import dataclasses
 
-    from reference.presets import PRESETS, build_random, write_checkpoint_folder
+    from meissonic.reference.presets import PRESETS, build_random, write_checkpoint_folder
 
     preset = dataclasses.replace(PRESETS["tiny"], vqvae=vq_config)
     return write_checkpoint_folder(build_random(preset, seed=1), folder, preset.pad_token)
@@ -225,7 +225,7 @@ def _vq_checkpoint(folder, vq_config):
 def _random_vq_configs(count: int, seed: int):
     """A seeded sweep over what a VQ-VAE config may vary: depth (3-5 levels), widths, resnets per block,
     group counts (1 to one channel per group) and latent width."""
-    from reference.vqvae import VQConfig
+    from meissonic.reference.vqvae import VQConfig
 
     rng = np.random.default_rng(seed)
     for _ in range(count):
@@ -255,7 +255,7 @@ def test_float32_export_accepts_any_valid_vq_configuration(index, tmp_path):
 def test_deep_narrow_vq_at_1024_px_is_not_refused(tmp_path):
     """The configuration the issue found refused: layers_per_block 2, [16, 32, 32, 32, 48], 8 latent
     channels, 8 groups, 1024 px (the issue used 100 codes; 64 here to match the tiny transformer)."""
-    from reference.vqvae import VQConfig
+    from meissonic.reference.vqvae import VQConfig
 
     config = VQConfig(block_out_channels=[16, 32, 32, 32, 48], layers_per_block=2, latent_channels=8, num_vq_embeddings=64, norm_num_groups=8)
     checkpoint = _vq_checkpoint(tmp_path / "ck", config)

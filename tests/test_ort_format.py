@@ -15,6 +15,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from meissonic.reference.scheduler import categorical_by_inverse_cdf
+from meissonic.runtimes.bundle import verify_files
+from meissonic.runtimes.pipeline import MeissonicRuntime
+from meissonic.runtimes.sampler import categorical_draw
 from meissonic_export.graphs import categorical_by_blocks
 from meissonic_export.ort_format import (
     OPERATORS_CONFIG,
@@ -23,10 +27,6 @@ from meissonic_export.ort_format import (
     rewrite_for_accelerators,
     too_large_for_ort,
 )
-from reference.scheduler import categorical_by_inverse_cdf
-from runtimes.bundle import verify_files
-from runtimes.pipeline import MeissonicRuntime
-from runtimes.sampler import categorical_draw
 
 # Operators no phone graph keeps: rewritten (`_REWRITES`), or left to the app (the step's draw, the text
 # encoder's pooling). Gather stays for the token embeddings (NNAPI takes it, the Core ML EP does not).

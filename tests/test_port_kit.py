@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
-from reference.scheduler import mask_ratio
+from meissonic.reference.scheduler import mask_ratio
 
 ROOT = Path(__file__).parent.parent
 KIT, ASSETS = ROOT / "docs" / "port_kit", ROOT / "reference" / "assets"

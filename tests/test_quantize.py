@@ -11,13 +11,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from meissonic.quantize.onnx_quant import Layer, dequantized_weights, quantize_graph
+from meissonic.quantize.recipe import Recipe
+from meissonic.runtimes.onnx_backend import OnnxGraph
+from meissonic.runtimes.pipeline import MeissonicRuntime
 from meissonic_export.graphs import GRAPHS
 from meissonic_export.sensitivity import analyse, write_report
 from meissonic_export.validate import BUDGETS, failures_of, reference_outputs, sqnr_db, validate
-from quantize.onnx_quant import Layer, dequantized_weights, quantize_graph
-from quantize.recipe import Recipe
-from runtimes.onnx_backend import OnnxGraph
-from runtimes.pipeline import MeissonicRuntime
 
 from .conftest import QUANTIZED_VARIANTS, check_whole_run_report
 
@@ -119,9 +119,9 @@ def test_external_data_holds_each_weight_once(variant, golden_components, info, 
     """Graphs over the external-data threshold (the 1B ones) keep their weights in model.onnx.data.
     Every byte of it must be referenced once (onnx appends to an existing file: a re-save doubled the
     1B int4 graph to 1.16 GB), the file readable by others, and the graph still right."""
+    from meissonic.quantize import graph_files
+    from meissonic.quantize.recipe import quantizable_layers
     from meissonic_export import onnx_export
-    from quantize import graph_files
-    from quantize.recipe import quantizable_layers
 
     monkeypatch.setattr(graph_files, "EXTERNAL_DATA_BYTES", 0)  # the tiny graph takes the 1B path
     spec = GRAPHS["denoise_step"]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reference.pipeline import load_scheduler, load_tokenizer
-from reference.scheduler import TorchNoise
-from reference.transformer import TEXT_POSITIONS, position_ids
+from meissonic.reference.pipeline import load_scheduler, load_tokenizer
+from meissonic.reference.scheduler import TorchNoise
+from meissonic.reference.transformer import TEXT_POSITIONS, position_ids
 
 ATOL = 1e-4
 

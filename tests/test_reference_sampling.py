@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reference.scheduler import UniformNoise, categorical_by_inverse_cdf
-from runtimes.images import outpaint_canvas
+from meissonic.reference.scheduler import UniformNoise, categorical_by_inverse_cdf
+from meissonic.runtimes.images import outpaint_canvas
 
 
 def test_inverse_cdf_draw_follows_the_distribution():

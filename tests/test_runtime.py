@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from reference.scheduler import UniformNoise, mask_ratio
-from runtimes.pipeline import MeissonicRuntime
-from runtimes.sampler import cosine_mask_ratio, linspace_float32
+from meissonic.reference.scheduler import UniformNoise, mask_ratio
+from meissonic.runtimes.pipeline import MeissonicRuntime
+from meissonic.runtimes.sampler import cosine_mask_ratio, linspace_float32
 
 SIZE = (192, 128)  # non-square, one of the tiny bundle's resolutions
 
@@ -117,7 +117,7 @@ def test_runtime_needs_no_torch(tiny_bundle, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(blocker)
     out = tmp_path / "cat.png"
     code = (
-        "import sys; from runtimes.cli import main; "
+        "import sys; from meissonic.runtimes.cli import main; "
         f"code = main([{str(tiny_bundle)!r}, 'a cat', '--steps', '4', '--size', '192x128', '--out', {str(out)!r}, '--no-progress']); "
         "assert 'torch' not in sys.modules; sys.exit(code)"
     )
@@ -128,7 +128,7 @@ def test_runtime_needs_no_torch(tiny_bundle, tmp_path):
     check = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, check=False, env=env)
     assert check.returncode != 0 and "blocked" in check.stderr  # the blocker really was active
     # the runtime installed without its `coreml` extra: --backend coreml says what to install, in one line
-    coreml = subprocess.run([sys.executable, "-m", "runtimes.cli", str(tiny_bundle), "a cat", "--backend", "coreml", "--out", str(out)],
+    coreml = subprocess.run([sys.executable, "-m", "meissonic.runtimes.cli", str(tiny_bundle), "a cat", "--backend", "coreml", "--out", str(out)],
                             capture_output=True, text=True, check=False, env=env)  # fmt: skip
     assert coreml.returncode == 2 and coreml.stderr.strip().splitlines() == [
         "meissonic-generate: error: --backend coreml needs coremltools, which is not installed: pip install 'meissonic-export[coreml]'"
@@ -139,7 +139,7 @@ def test_runtime_needs_no_torch(tiny_bundle, tmp_path):
 
 
 def _generate(*args):
-    run = subprocess.run([sys.executable, "-m", "runtimes.cli", *map(str, args), "--no-progress"], capture_output=True, text=True, check=False)
+    run = subprocess.run([sys.executable, "-m", "meissonic.runtimes.cli", *map(str, args), "--no-progress"], capture_output=True, text=True, check=False)
     return run.returncode, run.stderr.strip().splitlines()
 
 
@@ -215,7 +215,7 @@ def test_cli_writes_numbered_pngs_for_a_prompts_file(tiny_bundle, tmp_path):
 
 
 def test_each_step_is_reported_with_a_preview_and_can_be_cancelled(runtime):
-    from runtimes.sampler import GenerationCancelled
+    from meissonic.runtimes.sampler import GenerationCancelled
 
     request = {"prompt": "a cat", "steps": 4, "width": SIZE[0], "height": SIZE[1], "seed": 3, "progress": False}
     reports = []

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def checkpoint_1b(tmp_path_factory) -> Path:
     if os.environ.get("MEISSONIC_1B_CHECKPOINT"):
         return Path(os.environ["MEISSONIC_1B_CHECKPOINT"])
-    from reference.presets import write_checkpoint
+    from meissonic.reference.presets import write_checkpoint
 
     return write_checkpoint("meissonic-1b", tmp_path_factory.mktemp("1b") / "checkpoint")
 
@@ -64,7 +64,7 @@ def test_1b_quantized_sizes_and_int4_generation_memory(checkpoint_1b, tmp_path):
     # maps in its last up-blocks) take the whole run to 2.2 GB. The bound catches a regression to keeping
     # every graph loaded (4.0 GB measured) or to pinning onnxruntime's buffers.
     probe = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    command = [sys.executable, "-m", "runtimes.cli", str(bundle), "a cat", "--variant", "int4", "--steps", "4", "--size", "512", "--out", str(tmp_path / "cat.png"), "--no-progress"]
+    command = [sys.executable, "-m", "meissonic.runtimes.cli", str(bundle), "a cat", "--variant", "int4", "--steps", "4", "--size", "512", "--out", str(tmp_path / "cat.png"), "--no-progress"]
     run = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     peak_mb = int(run.stdout.strip().splitlines()[-1]) / 1024

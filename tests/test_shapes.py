@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from reference import shapes
-from reference.presets import OWNER_MARKER, PRESETS, TOKENIZER_ASSETS, TRAINED, write_checkpoint
-from reference.training import SHAPES_GENERATION, TrainConfig, train_shapes
+from meissonic.reference import shapes
+from meissonic.reference.presets import OWNER_MARKER, PRESETS, TOKENIZER_ASSETS, TRAINED, write_checkpoint
+from meissonic.reference.training import SHAPES_GENERATION, TrainConfig, train_shapes
 
 SHIPPED = TRAINED["shapes"]
 
@@ -67,7 +67,7 @@ def test_training_is_deterministic_from_the_seed(tmp_path):
 
 
 def test_shipped_checkpoint_loads_strictly_and_make_checkpoint_writes_it(tmp_path):
-    from reference.pipeline import MeissonicPipeline
+    from meissonic.reference.pipeline import MeissonicPipeline
 
     out = write_checkpoint("shapes", tmp_path / "shapes")
     assert (out / OWNER_MARKER).is_file()
@@ -98,7 +98,7 @@ def shapes_bundle(tmp_path_factory, shapes_checkpoint):
 
 
 def test_bundle_carries_the_model_card_settings(shapes_bundle):
-    from runtimes.pipeline import MeissonicRuntime
+    from meissonic.runtimes.pipeline import MeissonicRuntime
 
     runtime = MeissonicRuntime.from_bundle(shapes_bundle)
     defaults = runtime.manifest.model.defaults.to_json()
@@ -128,14 +128,14 @@ MIN_COLOR_ACCURACY = 0.90
 
 
 def _runtime_and_pipeline(shapes_bundle, shapes_checkpoint):
-    from reference.pipeline import MeissonicPipeline
-    from runtimes.pipeline import MeissonicRuntime
+    from meissonic.reference.pipeline import MeissonicPipeline
+    from meissonic.runtimes.pipeline import MeissonicRuntime
 
     return MeissonicRuntime.from_bundle(shapes_bundle), MeissonicPipeline.from_pretrained(shapes_checkpoint)
 
 
 def test_reference_and_runtime_give_identical_tokens_on_the_trained_model(shapes_bundle, shapes_checkpoint, tmp_path):
-    from reference.scheduler import UniformNoise
+    from meissonic.reference.scheduler import UniformNoise
 
     runtime, pipe = _runtime_and_pipeline(shapes_bundle, shapes_checkpoint)
     d = SHAPES_GENERATION
@@ -184,7 +184,7 @@ def test_committed_port_kit_is_what_the_command_writes(shapes_bundle, tmp_path):
 def test_inpainting_repaints_the_shape_in_the_named_color(shapes_bundle, tmp_path):
     """Mask the tokens under the shape, ask for another shape color: the analyzer reads the new color,
     and every token outside the mask is unchanged."""
-    from runtimes.pipeline import MeissonicRuntime
+    from meissonic.runtimes.pipeline import MeissonicRuntime
 
     runtime = MeissonicRuntime.from_bundle(shapes_bundle)
     repainted = trials = 0

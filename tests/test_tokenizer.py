@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
+from meissonic.runtimes.tokenizer import CLIPTokenizer
 from meissonic_export.port_kit import tokenizer_prompts
-from runtimes.tokenizer import CLIPTokenizer
 
 
 @pytest.fixture(params=["<|endoftext|>", "!"], ids=["pad-eos", "pad-bang"])
