@@ -214,10 +214,17 @@ def _bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="meissonic-export", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add = lambda name, **kwargs: commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+    def add(name: str, run, progress: bool = True, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand running `run(args)`; `progress`: it shows progress bars, and takes --no-progress."""
+        parser = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+        parser.set_defaults(run=run)
+        if progress:
+            parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        return parser
 
     make = add(
-        "make-checkpoint",
+        "make-checkpoint", run=_make_checkpoint, progress=False,
         help="write a checkpoint of a preset in the released folder layout",
         description="Write a checkpoint (diffusers folder layout, safetensors) of a preset: 'shapes' (the trained demo "
         "model: draws one colored shape on a plain background), or random weights of 'tiny' (golden sizes, seconds), "
@@ -227,10 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--preset", choices=PRESET_NAMES, default="shapes", help="configuration (default: shapes)")
     make.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0; ignored by shapes)")
     make.add_argument("--overwrite", action="store_true", help="replace a checkpoint folder this tool wrote (nothing else)")
-    make.set_defaults(run=_make_checkpoint)
 
     train = add(
-        "train",
+        "train", run=_train,
         help="train the shapes demo model (VQ-VAE, CLIP text encoder, transformer) on this machine",
         description="Train the `shapes` demo model from procedural images, deterministically from --seed: the VQ-VAE "
         "on image crops, then the transformer and the CLIP text encoder together with the MaskGIT objective. Writes a "
@@ -241,11 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
     train.add_argument("--threads", type=int, default=2, help="torch threads; results are reproducible per thread count (default: 2)")
     train.add_argument("--overwrite", action="store_true", help="replace a checkpoint folder this tool wrote (nothing else)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.set_defaults(run=_train)
 
     ref = add(
-        "reference",
+        "reference", run=_reference,
         help="generate a PNG with the PyTorch reference pipeline",
         description="Text-to-image with the PyTorch reference (official randomness: torch.Generator seeded with --seed).",
     )
@@ -258,11 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     ref.add_argument("--seed", type=int, default=0, help="seed of the torch generator (default: 0)")
     ref.add_argument("--out", type=Path, default=Path("reference.png"), help="output PNG, numbered when several (default: reference.png)")
-    ref.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ref.set_defaults(run=_reference)
 
     exp = add(
-        "export",
+        "export", run=_export,
         help="export a checkpoint to a validated bundle (ONNX graphs, tokenizer, manifest)",
         description="Export a checkpoint folder to a bundle: one folder per graph, the tokenizer and scheduler "
         "files, and manifest.json (interfaces, versions, sha256 of every file, parity figures, generation defaults). "
@@ -287,11 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--jobs", type=int, default=None, help="graphs exported at a time, each in its own process holding the model (default: 2 "
                      "on two or more cores for checkpoints under 1 GB, else 1)")
     exp.add_argument("--keep-failed", action="store_true", help="on a failed validation keep the files in OUT.failed/ for inspection")
-    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    exp.set_defaults(run=_export)
 
     ev = add(
-        "evaluate",
+        "evaluate", run=_evaluate,
         help="judge a bundle of the shapes model by what it draws: prompt accuracy per variant",
         description="Generate a fixed evaluation set (prompt-seed pairs drawn from the shapes grammar by a fixed seed, "
         "plus the held-out combinations, reported apart) with the PyTorch reference and every variant of the bundle, read "
@@ -306,11 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--held-out-seeds", type=int, default=2, help="seeds per held-out combination (default: 2, i.e. 48 pairs)")
     ev.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference row")
     ev.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for evaluation.json and evaluation_grid.png (default: evaluation)")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ev.set_defaults(run=_evaluate)
 
     kit = add(
-        "port-kit",
+        "port-kit", run=_port_kit,
         help="write test vectors for a Swift, Kotlin or JavaScript port of the runtime",
         description="Write language-neutral test vectors (JSON plus raw little-endian arrays): PCG64 streams from "
         "numpy's seeding to float32 draws, the float32 temperature and mask-length schedules, the tokenizer on "
@@ -320,11 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     kit.add_argument("bundle", type=Path, help="bundle whose generation is recorded (its base ONNX variant, the model's own settings)")
     kit.add_argument("--out", type=Path, default=Path("port-kit"), help="folder to create (default: port-kit)")
     kit.add_argument("--overwrite", action="store_true", help="replace a port kit this tool wrote (nothing else)")
-    kit.add_argument("--no-progress", action="store_true", help="no progress bar")
-    kit.set_defaults(run=_port_kit)
 
     sens = add(
-        "sensitivity",
+        "sensitivity", run=_sensitivity, progress=False,
         help="rank transformer layer groups by how much quantizing them alone hurts the logits",
         description="Quantize one group of transformer layers at a time (simulated in the reference) and report "
         "logit SQNR and top-1 agreement against float32: a table, JSON and a PNG plot. Use it to write a mixed "
@@ -336,9 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--granularity", choices=["group", "block"], default="group", help="layer groups by role, or one transformer block at a time")
     sens.add_argument("--grid", type=int, default=16, help="token grid of the fixed inputs (default: 16, i.e. 256 px)")
     sens.add_argument("--out", type=Path, default=Path("sensitivity"), help="folder for sensitivity.{json,md,png}")
-    sens.set_defaults(run=_sensitivity)
     bench = add(
-        "bench",
+        "bench", run=_bench,
         help="latency, memory and size of every variant against the PyTorch reference",
         description="Benchmark, in one run: the speed-up of every onnxruntime variant over the PyTorch reference for one "
         "step (at each token grid) and for a whole image, each measured in interleaved pairs (reference, variant, reference, "
@@ -359,8 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the recipe's)")
     bench.add_argument("--no-1b", action="store_true", help="skip the one-step measurement of the 1B configuration")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json, bench.md and plots")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bench.set_defaults(run=_bench)
     return parser
 
 
