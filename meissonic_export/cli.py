@@ -5,6 +5,7 @@ Arguments are checked before torch is imported: a mistyped option is refused at 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def _owned_checkpoint(folder: Path) -> bool:
 
 
 def _make_checkpoint(args) -> None:
+    """Write a checkpoint (diffusers folder layout, safetensors) of a preset: 'shapes' (the trained demo model:
+    draws one colored shape on a plain background), or random weights of 'tiny' (golden sizes, seconds),
+    'small' (mid-size) or 'meissonic-1b' (the released configuration, ~6 GB)."""
     check_int("--seed", args.seed, 0, 2**32 - 1)
     check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder", option="OUT")
     from meissonic.reference.presets import TRAINED, write_checkpoint
@@ -53,6 +57,10 @@ def _make_checkpoint(args) -> None:
 
 
 def _train(args) -> None:
+    """Train the `shapes` demo model from procedural images, deterministically from --seed: the VQ-VAE on image
+    crops, then the transformer and the CLIP text encoder together with the MaskGIT objective. Writes a
+    checkpoint folder with training/report.json and training/loss_curves.png. Measured 56 minutes on 2 CPU
+    cores; with the default seed and 2 threads it reproduces the shipped `shapes` checkpoint."""
     check_int("--seed", args.seed, 0, 2**32 - 1)
     check_int("--threads", args.threads, 1, 256)
     check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder", option="OUT")
@@ -64,6 +72,7 @@ def _train(args) -> None:
 
 
 def _reference(args) -> None:
+    """Text-to-image with the PyTorch reference (official randomness: torch.Generator seeded with --seed)."""
     check_int("--seed", args.seed, 0, 2**63 - 1)
     check_int("--steps", args.steps, 1, 1000)
     check_int("--num-images", args.num_images, 1, 16)
@@ -93,6 +102,10 @@ def _export_options(args) -> ExportOptions:
 
 
 def _export(args) -> None:
+    """Export a checkpoint folder to a bundle: one folder per graph, the tokenizer and scheduler files, and
+    manifest.json (interfaces, versions, sha256 of every file, parity figures, generation defaults). Every
+    graph is validated against the PyTorch reference right after export; a failure stops the export and no
+    bundle is left behind."""
     options = _export_options(args)
     check_options(args.checkpoint, args.out, options)
     from .export import export_bundle
@@ -102,6 +115,11 @@ def _export(args) -> None:
 
 
 def _evaluate(args) -> None:
+    """Generate a fixed evaluation set (prompt-seed pairs drawn from the shapes grammar by a fixed seed, plus
+    the held-out combinations, reported apart) with the PyTorch reference and every variant of the bundle,
+    read each image back with the shapes analyzer, and report prompt accuracy (all three attributes right),
+    per-attribute accuracy, token agreement and image PSNR against the float32 run of the same seed. Prints
+    a table, writes evaluation.json and evaluation_grid.png (prompts x variants)."""
     from .options import EvaluateOptions, check_evaluate_options
 
     options = EvaluateOptions(
@@ -118,6 +136,10 @@ def _evaluate(args) -> None:
 
 
 def _port_kit(args) -> None:
+    """Write language-neutral test vectors (JSON plus raw little-endian arrays): PCG64 streams from numpy's
+    seeding to float32 draws, the float32 temperature and mask-length schedules, the tokenizer on 320
+    prompts, and one whole generation of BUNDLE (every graph input and output per step, the draws and the
+    tokens after each step). The README's Porting section says how a port uses them."""
     from meissonic.runtimes.bundle import BundleError, read_manifest
 
     from .port_kit import is_port_kit_written_here
@@ -177,6 +199,9 @@ def _print_summary(manifest: dict, out: Path) -> None:
 
 
 def _sensitivity(args) -> None:
+    """Quantize one group of transformer layers at a time (simulated in the reference) and report logit SQNR
+    and top-1 agreement against float32: a table, JSON and a PNG plot. Use it to write a mixed recipe:
+    groups with low SQNR at int4 belong in a rule with 8 bits."""
     from meissonic.reference.checkpoint import load_component
     from meissonic_export.sensitivity import analyse, format_table, write_report
 
@@ -192,6 +217,11 @@ def _sensitivity(args) -> None:
 
 
 def _bench(args) -> None:
+    """Benchmark, in one run: the speed-up of every onnxruntime variant over the PyTorch reference for one step
+    (at each token grid) and for a whole image, each measured in interleaved pairs (reference, variant,
+    reference, ...; the table gives the median ratio and its spread over the pairs, then milliseconds), peak
+    memory of a generation process per variant, graph sizes, where a step's time goes, and one step of the
+    released 1B configuration. Writes bench.json, bench.md and PNG plots."""
     for option, value, low, high in (("--repeats", args.repeats, 1, 1000), ("--warmup", args.warmup, 0, 100), ("--threads", args.threads, 1, 256),
                                       ("--grid", args.grid, 1, 128), ("--steps", args.steps, 1, 1000)):  # fmt: skip
         check_int(option, value, low, high)
@@ -217,42 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, run, progress: bool = True, **kwargs) -> argparse.ArgumentParser:
         """A subcommand running `run(args)`; `progress`: it shows progress bars, and takes --no-progress."""
-        parser = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+        # the command's description is its function's docstring
+        parser = commands.add_parser(name, formatter_class=HelpFormatter, description=inspect.cleandoc(run.__doc__), **kwargs)
         parser.set_defaults(run=run)
         if progress:
             parser.add_argument("--no-progress", action="store_true", help="no progress bars")
         return parser
 
-    make = add(
-        "make-checkpoint", run=_make_checkpoint, progress=False,
-        help="write a checkpoint of a preset in the released folder layout",
-        description="Write a checkpoint (diffusers folder layout, safetensors) of a preset: 'shapes' (the trained demo "
-        "model: draws one colored shape on a plain background), or random weights of 'tiny' (golden sizes, seconds), "
-        "'small' (mid-size) or 'meissonic-1b' (the released configuration, ~6 GB).",
-    )
+    make = add("make-checkpoint", run=_make_checkpoint, progress=False, help="write a checkpoint of a preset in the released folder layout")
     make.add_argument("out", type=Path, help="folder to create")
     make.add_argument("--preset", choices=PRESET_NAMES, default="shapes", help="configuration (default: shapes)")
     make.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0; ignored by shapes)")
     make.add_argument("--overwrite", action="store_true", help="replace a checkpoint folder this tool wrote (nothing else)")
 
-    train = add(
-        "train", run=_train,
-        help="train the shapes demo model (VQ-VAE, CLIP text encoder, transformer) on this machine",
-        description="Train the `shapes` demo model from procedural images, deterministically from --seed: the VQ-VAE "
-        "on image crops, then the transformer and the CLIP text encoder together with the MaskGIT objective. Writes a "
-        "checkpoint folder with training/report.json and training/loss_curves.png. Measured 56 minutes on 2 CPU cores; "
-        "with the default seed and 2 threads it reproduces the shipped `shapes` checkpoint.",
-    )
+    train = add("train", run=_train, help="train the shapes demo model (VQ-VAE, CLIP text encoder, transformer) on this machine")
     train.add_argument("out", type=Path, help="checkpoint folder to create")
     train.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
     train.add_argument("--threads", type=int, default=2, help="torch threads; results are reproducible per thread count (default: 2)")
     train.add_argument("--overwrite", action="store_true", help="replace a checkpoint folder this tool wrote (nothing else)")
 
-    ref = add(
-        "reference", run=_reference,
-        help="generate a PNG with the PyTorch reference pipeline",
-        description="Text-to-image with the PyTorch reference (official randomness: torch.Generator seeded with --seed).",
-    )
+    ref = add("reference", run=_reference, help="generate a PNG with the PyTorch reference pipeline")
     ref.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
     ref.add_argument("prompt", help="text prompt")
     ref.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
@@ -263,14 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--seed", type=int, default=0, help="seed of the torch generator (default: 0)")
     ref.add_argument("--out", type=Path, default=Path("reference.png"), help="output PNG, numbered when several (default: reference.png)")
 
-    exp = add(
-        "export", run=_export,
-        help="export a checkpoint to a validated bundle (ONNX graphs, tokenizer, manifest)",
-        description="Export a checkpoint folder to a bundle: one folder per graph, the tokenizer and scheduler "
-        "files, and manifest.json (interfaces, versions, sha256 of every file, parity figures, generation defaults). "
-        "Every graph is validated against the PyTorch reference right after export; a failure stops the export and "
-        "no bundle is left behind.",
-    )
+    exp = add("export", run=_export, help="export a checkpoint to a validated bundle (ONNX graphs, tokenizer, manifest)")
     exp.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
     exp.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     exp.add_argument("--targets", default="onnx", help=f"comma-separated: {', '.join(TARGETS)} (default: onnx). ort: the ONNX graphs also as ORT-format models for apps, "
@@ -290,15 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "on two or more cores for checkpoints under 1 GB, else 1)")
     exp.add_argument("--keep-failed", action="store_true", help="on a failed validation keep the files in OUT.failed/ for inspection")
 
-    ev = add(
-        "evaluate", run=_evaluate,
-        help="judge a bundle of the shapes model by what it draws: prompt accuracy per variant",
-        description="Generate a fixed evaluation set (prompt-seed pairs drawn from the shapes grammar by a fixed seed, "
-        "plus the held-out combinations, reported apart) with the PyTorch reference and every variant of the bundle, read "
-        "each image back with the shapes analyzer, and report prompt accuracy (all three attributes right), per-attribute "
-        "accuracy, token agreement and image PSNR against the float32 run of the same seed. Prints a table, writes "
-        "evaluation.json and evaluation_grid.png (prompts x variants).",
-    )
+    ev = add("evaluate", run=_evaluate, help="judge a bundle of the shapes model by what it draws: prompt accuracy per variant")
     ev.add_argument("bundle", type=Path, help="bundle of a shapes checkpoint (its manifest names the checkpoint)")
     ev.add_argument("--variants", default=None, help="comma-separated variants of the backend (default: all in the bundle)")
     ev.add_argument("--backend", choices=["onnx", "coreml"], default="onnx", help="onnx, or coreml (Core ML on macOS, the numpy evaluator elsewhere) (default: onnx)")
@@ -307,40 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference row")
     ev.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for evaluation.json and evaluation_grid.png (default: evaluation)")
 
-    kit = add(
-        "port-kit", run=_port_kit,
-        help="write test vectors for a Swift, Kotlin or JavaScript port of the runtime",
-        description="Write language-neutral test vectors (JSON plus raw little-endian arrays): PCG64 streams from "
-        "numpy's seeding to float32 draws, the float32 temperature and mask-length schedules, the tokenizer on "
-        "320 prompts, and one whole generation of BUNDLE (every graph input and output per step, the draws and the "
-        "tokens after each step). The README's Porting section says how a port uses them.",
-    )
+    kit = add("port-kit", run=_port_kit, help="write test vectors for a Swift, Kotlin or JavaScript port of the runtime")
     kit.add_argument("bundle", type=Path, help="bundle whose generation is recorded (its base ONNX variant, the model's own settings)")
     kit.add_argument("--out", type=Path, default=Path("port-kit"), help="folder to create (default: port-kit)")
     kit.add_argument("--overwrite", action="store_true", help="replace a port kit this tool wrote (nothing else)")
 
-    sens = add(
-        "sensitivity", run=_sensitivity, progress=False,
-        help="rank transformer layer groups by how much quantizing them alone hurts the logits",
-        description="Quantize one group of transformer layers at a time (simulated in the reference) and report "
-        "logit SQNR and top-1 agreement against float32: a table, JSON and a PNG plot. Use it to write a mixed "
-        "recipe: groups with low SQNR at int4 belong in a rule with 8 bits.",
-    )
+    sens = add("sensitivity", run=_sensitivity, progress=False, help="rank transformer layer groups by how much quantizing them alone hurts the logits")
     sens.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
     sens.add_argument("--bits", default="4,8", help="schemes to try, comma-separated (default: 4,8)")
     sens.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the largest of 128, 64, 32 that divides every layer)")
     sens.add_argument("--granularity", choices=["group", "block"], default="group", help="layer groups by role, or one transformer block at a time")
     sens.add_argument("--grid", type=int, default=16, help="token grid of the fixed inputs (default: 16, i.e. 256 px)")
     sens.add_argument("--out", type=Path, default=Path("sensitivity"), help="folder for sensitivity.{json,md,png}")
-    bench = add(
-        "bench", run=_bench,
-        help="latency, memory and size of every variant against the PyTorch reference",
-        description="Benchmark, in one run: the speed-up of every onnxruntime variant over the PyTorch reference for one "
-        "step (at each token grid) and for a whole image, each measured in interleaved pairs (reference, variant, reference, "
-        "...; the table gives the median ratio and its spread over the pairs, then milliseconds), peak memory of a "
-        "generation process per variant, graph sizes, where a step's time goes, and one step of the released 1B "
-        "configuration. Writes bench.json, bench.md and PNG plots.",
-    )
+    bench = add("bench", run=_bench, help="latency, memory and size of every variant against the PyTorch reference")
     bench.add_argument("--preset", choices=PRESET_NAMES, default="small", help="model to benchmark when no --checkpoint is given (default: small)")
     bench.add_argument("--checkpoint", type=Path, default=None, help="benchmark this checkpoint instead of a preset")
     bench.add_argument("--bundle", type=Path, default=None, help="an existing bundle of --checkpoint (skips the export)")
