@@ -136,18 +136,15 @@ def test_failed_validation_stops_the_export_and_leaves_nothing(golden_checkpoint
 def test_interrupted_export_leaves_no_bundle(golden_checkpoint, tmp_path, monkeypatch):
     calls = []
 
-    def interrupt_on_second_graph(*args, **kwargs):
+    def interrupt_on_first_validation(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
+        raise KeyboardInterrupt
 
-    original = export_module.run_validation
-    monkeypatch.setattr(export_module, "run_validation", interrupt_on_second_graph)
+    monkeypatch.setattr(export_module, "run_validation", interrupt_on_first_validation)
     out = tmp_path / "bundle"
-    with pytest.raises(KeyboardInterrupt):
-        export_bundle(golden_checkpoint, out, ExportOptions(resolutions=((128, 128),), graphs=("vq_encoder", "vq_decoder"), jobs=1, progress=False))
-    assert not out.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt):  # the first graph's files are written by then
+        export_bundle(golden_checkpoint, out, ExportOptions(resolutions=((128, 128),), graphs=("vq_decoder", "vq_encoder"), jobs=1, progress=False))
+    assert calls == [1] and not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_killed_export_leaves_no_bundle(golden_checkpoint, tmp_path):
@@ -239,8 +236,8 @@ def _random_vq_configs(count: int, seed: int):
         )  # fmt: skip
 
 
-# Two of the four configurations run by default (~40 s each here); all four with `pytest -m slow`.
-@pytest.mark.parametrize("index", [0, 1, *(pytest.param(i, marks=pytest.mark.slow) for i in (2, 3))])
+# One of the four configurations runs by default (~40-60 s here); all four with `pytest -m slow`.
+@pytest.mark.parametrize("index", [0, *(pytest.param(i, marks=pytest.mark.slow) for i in (1, 2, 3))])
 def test_float32_export_accepts_any_valid_vq_configuration(index, tmp_path):
     """No valid configuration is refused for float32 rounding: seeded random VQ-VAEs, square and
     non-square sizes, exported and validated (decoder and encoder)."""
