@@ -103,7 +103,7 @@ class DenoiseChunk(nn.Module):
                 values["joint_hidden"] = block(values["joint_hidden"], temb, rotary)
         if self.last:
             x = values["joint_hidden"][:, TEXT_POSITIONS:] if "joint_hidden" in values else values["image_hidden"]
-            probs = guided_probabilities(t, x, h, w, values["guidance_scale"], x.shape[0] // 2)
+            probs = guided_probabilities(t, x, h, w, values["guidance_scale"], x.shape[0] // 2, head_on_rows=False)  # Core ML form
             values["sampled_tokens"], values["log_probs"] = draw(probs, values["uniforms"])
         return tuple(values[_stream(name)] for name in self.output_names)
 

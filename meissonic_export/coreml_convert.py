@@ -23,7 +23,7 @@ from meissonic.runtimes.quiet import quiet
 
 from .coreml_fixes import converter_fixes
 from .coreml_fp16 import FP32_REGIONS, Fp32Regions
-from .graphs import GraphSpec
+from .graphs import DenoiseStepGraph, GraphSpec
 
 with quiet():  # coremltools logs on import that torch 2.13 is untested and, off macOS, that its native Core ML library is absent
     import coremltools as ct
@@ -62,6 +62,8 @@ def convert_graph(
     missing = [name for name in spec.input_names() if name not in example_inputs]
     if missing:
         raise ValueError(f"{spec.name}: example inputs lack {missing}")
+    if isinstance(module, DenoiseStepGraph):
+        module = module.with_head_as_conv()  # see graphs.guided_probabilities
     args = tuple(torch.from_numpy(np.ascontiguousarray(example_inputs[name])) for name in spec.input_names())
     # Fresh TensorTypes on every call: ct.convert mutates the ones it is given.
     inputs = [ct.TensorType(name=t.name, shape=example_inputs[t.name].shape, dtype=COREML_DTYPES[t.dtype]) for t in spec.inputs]

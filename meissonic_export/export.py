@@ -439,8 +439,8 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelFacts, cases, stagi
                     "bytes": sum(part["bytes"] for part in parts[variant]), "deployment_target": target,
                     **({"resolution": list(size)} if size else {}), "static_shapes": dims,
                     "precision": {
-                        "compute": f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})",
-                        "weights": {"fp16": "float16"}.get(variant, variant), "inputs_outputs": "float32; token ids int32",
+                        "compute": f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})" if spec.coreml_compute == "fp16" else "float32",
+                        "weights": "float32" if spec.coreml_compute == "fp32" else {"fp16": "float16"}.get(variant, variant), "inputs_outputs": "float32; token ids int32",
                     },
                     "description": spec.description, **spec.interface(info, {"int64": "int32"}),
                     **({"chunks": parts[variant]} if len(parts[variant]) > 1 else {}),
@@ -504,7 +504,7 @@ def _convert_coreml(spec: GraphSpec, module, example: dict, chunks: int, target:
             yield f".chunk{i}", chunk.spec.input_names(), chunk.spec.output_names(), model, chunk.module
             del model  # before the next chunk converts
     else:
-        yield "", spec.input_names(), spec.output_names(), convert_graph(spec, module, example, "fp16", target), module
+        yield "", spec.input_names(), spec.output_names(), convert_graph(spec, module, example, spec.coreml_compute, target), module
 
 
 def _tree_bytes(path: Path) -> int:

@@ -112,6 +112,7 @@ class GraphSpec:
     # and whether int8/int4 recipes apply (the conv-only VQ graphs keep the base precision).
     weights_prefix: str = ""
     quantizable: bool = False
+    coreml_compute: str = "fp16"  # the Core ML package's compute precision ("fp16" keeps coreml_fp16's regions float32)
 
     def build(self, components: dict[str, nn.Module]) -> nn.Module:
         return self.module(components[self.component]).eval()
@@ -161,32 +162,44 @@ class DenoiseStepGraph(nn.Module):
     """One MaskGIT step up to the draw: transformer on [negative, positive] rows, guidance, softmax,
     categorical draw by inverse CDF. Returns ids and log-probabilities only; the logits stay inside."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, head_on_rows: bool = True):
         super().__init__()
         self.transformer = transformer
+        self.head_on_rows = head_on_rows  # see guided_probabilities
+
+    def with_head_as_conv(self) -> DenoiseStepGraph:
+        """The same step (same transformer) with the codebook head as a 1x1 conv: the Core ML form."""
+        return DenoiseStepGraph(self.transformer, head_on_rows=False).eval()
 
     def probabilities(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale):
         """-> probs [B, H*W, codebook] after guidance: the reference pipeline's, up to float32 rounding."""
         x, h, w = self.transformer.image_stream(torch.cat([tokens, tokens]), encoder_hidden_states, pooled_projections, micro_conds, timestep)
-        return guided_probabilities(self.transformer, x, h, w, guidance_scale, tokens.shape[0])
+        return guided_probabilities(self.transformer, x, h, w, guidance_scale, tokens.shape[0], self.head_on_rows)
 
     def forward(self, tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale, uniforms):
         probs = self.probabilities(tokens, encoder_hidden_states, pooled_projections, micro_conds, timestep, guidance_scale)
         return draw(probs, uniforms)
 
 
-def guided_probabilities(transformer, image_stream: torch.Tensor, h: int, w: int, guidance_scale: torch.Tensor, batch) -> torch.Tensor:
+def guided_probabilities(transformer, image_stream: torch.Tensor, h: int, w: int, guidance_scale: torch.Tensor, batch, head_on_rows: bool = True) -> torch.Tensor:
     """image stream [2B, h*w, D] of the [negative, positive] rows -> probs [B, H*W, codebook] after guidance.
 
     The official pipeline guides the logits: uncond + g (cond - uncond). The codebook head's last 1x1
     conv is linear (no bias), so guiding its D-wide input and running the conv once on the guided rows
     gives the same logits up to float32 rounding, at half the conv's cost (the largest single op of a
-    step: 24-31% of it on the small preset) and without the codebook-wide guidance arithmetic."""
+    step: 24-31% of it on the small preset) and without the codebook-wide guidance arithmetic.
+
+    head_on_rows: run that conv on channels-last rows, a MatMul (ONNX: onnxruntime computes it in int8
+    with dynamic activations, 1.8-2.2x the float32 conv, where a Conv only gets dequantized weights; the
+    D-wide features are transposed instead of the codebook-wide logits). False keeps the 1x1 conv (Core
+    ML: the Neural Engine's preferred form, and coremltools compresses the conv weight by its name)."""
     features = transformer.head_features(image_stream, h, w)
     # Slicing by the batch (not chunk(2)) keeps the batch symbolic when traced.
     uncond, cond = features[:batch], features[batch:]
     # The official pipeline skips guidance at scale <= 1 and uses the conditional logits alone.
     features = torch.where(guidance_scale > 1, uncond + guidance_scale * (cond - uncond), cond)
+    if head_on_rows:
+        return transformer.mlm_layer.conv2(features.flatten(2).transpose(1, 2)).softmax(dim=-1)
     return transformer.mlm_layer.conv2(features).flatten(2).transpose(1, 2).softmax(dim=-1)
 
 
@@ -388,6 +401,10 @@ GRAPHS: dict[str, GraphSpec] = {
             outputs=(TensorSpec("tokens", "int64", ("batch", "height", "width"), "ids", "nearest codebook entry per 16x16 patch"),),
             description="VQ-VAE encoder and nearest-code lookup: image -> token ids",
             sample=_sample_vq_encoder, tie_margin=_code_margin, tie_threshold=1e-5, weights_prefix="vqvae.",
+            # float32: a trained codebook packs codes closer than float16's rounding of the latents (the
+            # shapes model's encoder in float16 chose another code for 7 and 12 of 256 cells, far from any
+            # float32 tie); it runs once per edited image, so leaving the Neural Engine costs little
+            coreml_compute="fp32",
         ),
     )
 }  # fmt: skip

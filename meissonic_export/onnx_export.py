@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnxscript import optimizer as onnx_optimizer
 from torch.export import Dim
 
 from meissonic.quantize import graph_files
@@ -79,6 +80,7 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.
             )
         except Exception as error:
             raise RuntimeError(f"torch.onnx.export failed for {spec.name}: {error}\n{log.getvalue()}") from error
+        _fold_weight_views(program, module)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -87,6 +89,15 @@ def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.
     _name_dims(path, shapes)
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def _fold_weight_views(program, module: torch.nn.Module) -> None:
+    """Fold reshapes and transposes of weights into the weights (the codebook head's 1x1 conv weight
+    [K, D, 1, 1] run as a MatMul on [D, K]), so the MatMul reads an initializer: onnxruntime's
+    quantizers only quantize initializer weights. The exporter's own pass (onnxscript's optimizer) skips
+    constants above 8192 elements; this reruns it with the limit at the largest weight."""
+    largest = max((p.numel() for p in module.parameters()), default=0)
+    onnx_optimizer.optimize(program.model, input_size_limit=largest, output_size_limit=largest)
 
 
 def _name_dims(path: Path, shapes: dict) -> None:

@@ -79,6 +79,19 @@ def test_int4_recipe_records_its_mixed_bits(manifest):
     assert set(text_bits.values()) == {8}
 
 
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_the_codebook_head_computes_in_int8(variant, manifest):
+    """The step graph runs the head's last 1x1 conv on rows, a MatMul, so the int8 rule quantizes it with
+    dynamic int8 activations (MatMulInteger); as a Conv it only got dequantized weights (slower than float32)."""
+    model = onnx.load(str(manifest.root / manifest.find("denoise_step", "onnx", variant).path), load_external_data=False)
+    producer = {output: node for node in model.graph.node for output in node.output}
+    node, chain = producer[[n for n in model.graph.node if n.op_type == "Softmax"][-1].input[0]], []
+    while node is not None and len(chain) < 4:  # from the codebook softmax back through the head
+        chain.append(node.op_type)
+        node = producer.get(node.input[0])
+    assert "MatMulInteger" in chain, chain
+
+
 @pytest.mark.parametrize("variant", QUANTIZED_VARIANTS)
 def test_runtime_generates_with_every_variant(variant, tiny_bundle):
     runtime = MeissonicRuntime.from_bundle(tiny_bundle, variant=variant)
