@@ -56,6 +56,15 @@ def test_evaluation_set_is_fixed_and_reports_held_out_apart():
     assert all((p.scene in shapes.HELD_OUT) == p.held_out for p in pairs)
 
 
+def test_accuracy_gate_judges_each_variant_against_its_own_targets_base():
+    """A Core ML report carries the ONNX float32 row as its reference: only Core ML rows are judged."""
+    from meissonic_export.evaluate import accuracy_gate
+
+    rows = {"pytorch": 0.30, "onnx fp32": 0.30, "coreml fp16": 0.40, "coreml int8": 0.35, "coreml palette6": 0.38}
+    refused = accuracy_gate({"rows": {name: {"prompt_accuracy": a} for name, a in rows.items()}}, "coreml fp16")
+    assert list(refused) == ["coreml int8"] and "5.0 points below coreml fp16's 40.0%" in refused["coreml int8"]
+
+
 def test_training_is_deterministic_from_the_seed(tmp_path):
     config = TrainConfig(vq_steps=3, vq_crop=64, images=16, steps=3, batch=4, code_restart_every=2)
     for name in ("a", "b"):
