@@ -192,8 +192,7 @@ def _accuracy_gate(staging: Path, manifest: dict, options: ExportOptions) -> dic
     report = {"pairs": EXPORT_EVALUATION_PAIRS, "max_loss_points": MAX_ACCURACY_LOSS_POINTS}
     for target in manifest["base_variants"]:
         # Core ML rows run on Core ML on macOS, elsewhere through the numpy evaluator (~2.7 s an image for
-        # `shapes` here: 48 pairs per variant take minutes). It was skipped on Linux before, and Core ML
-        # int8 of `shapes`, which loses 5 points (40.0% -> 35.0% on 124 pairs), passed unmeasured.
+        # `shapes` here, so 48 pairs per variant take minutes): unmeasured, a Core ML variant would pass unjudged.
         evaluation = evaluate_bundle(staging, EvaluateOptions(backend=target, count=EXPORT_EVALUATION_PAIRS, held_out_seeds=0, reference=False, progress=False))
         base = f"{target} {manifest['base_variants'][target]}"
         refused = accuracy_gate(evaluation, base)
@@ -408,6 +407,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelFacts, cases, stagi
     by_target = {target: [v for v in variants if VARIANTS[v].coreml_target == target] for target in dict.fromkeys(VARIANTS[v].coreml_target for v in variants)}
     sizes = list(options.resolutions) if "height" in spec.dims else [None]
     f = info.vae_scale_factor
+    precision = {"compute": "float32", "weights": "float32"} if spec.coreml_compute == "fp32" else {"compute": f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})"}
     entries = []
     for size in sizes:
         dims = {"batch": 1} if size is None else {"batch": 1, "height": size[1] // f, "width": size[0] // f}
@@ -437,10 +437,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelFacts, cases, stagi
                     "name": spec.name, "target": "coreml", "variant": variant, "path": parts[variant][0]["path"], "files": files,
                     "bytes": sum(part["bytes"] for part in parts[variant]), "deployment_target": target,
                     **({"resolution": list(size)} if size else {}), "static_shapes": dims,
-                    "precision": {
-                        "compute": f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})" if spec.coreml_compute == "fp16" else "float32",
-                        "weights": "float32" if spec.coreml_compute == "fp32" else {"fp16": "float16"}.get(variant, variant), "inputs_outputs": "float32; token ids int32",
-                    },
+                    "precision": {**precision, "weights": precision.get("weights", {"fp16": "float16"}.get(variant, variant)), "inputs_outputs": "float32; token ids int32"},
                     "description": spec.description, **spec.interface(info, {"int64": "int32"}),
                     **({"chunks": parts[variant]} if len(parts[variant]) > 1 else {}),
                 }  # fmt: skip
