@@ -9,6 +9,7 @@ import inspect
 import sys
 from pathlib import Path
 
+from meissonic.reference.folder import OWNER_MARKER, TRAINED, copy_trained_checkpoint
 from meissonic.runtimes.cli_common import (
     ArgumentParser,
     HelpFormatter,
@@ -36,7 +37,6 @@ from .options import (
 )  # fmt: skip
 
 NEURAL_ENGINE_BYTES = 1e9  # packages larger than this load slowly or not at all on the Neural Engine (Apple's SD tooling splits at it)
-OWNER_MARKER = ".written-by-meissonic-export"  # reference.presets.OWNER_MARKER (a test checks)
 
 
 def _owned_checkpoint(folder: Path) -> bool:
@@ -49,9 +49,12 @@ def _make_checkpoint(args) -> None:
     'small' (mid-size) or 'meissonic-1b' (the released configuration, ~6 GB)."""
     check_int("--seed", args.seed, 0, 2**32 - 1)
     check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder", option="OUT")
-    from meissonic.reference.presets import TRAINED, write_checkpoint
+    if args.preset in TRAINED:  # a copy: no torch to import
+        out = copy_trained_checkpoint(args.preset, args.out, overwrite=args.overwrite)
+    else:
+        from meissonic.reference.presets import write_checkpoint
 
-    out = write_checkpoint(args.preset, args.out, seed=args.seed, overwrite=args.overwrite)
+        out = write_checkpoint(args.preset, args.out, seed=args.seed, overwrite=args.overwrite)
     kind = "the trained" if args.preset in TRAINED else "a random-weight"
     print(f"wrote {kind} {args.preset} checkpoint to {out}")
 

@@ -6,7 +6,6 @@ the embedded demo); `small` is a mid-size model for scale tests and benchmarks.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,10 @@ import torch
 from transformers import CLIPTextConfig
 
 from .checkpoint import COMPONENTS, save_component
+from .folder import TOKENIZER_ASSETS, TRAINED, copy_trained_checkpoint, write_folder
 from .transformer import TransformerConfig
 from .vqvae import VQConfig
 
-TOKENIZER_ASSETS = Path(__file__).parent / "assets" / "tokenizer"
 SPECIAL_TOKENS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
 
 
@@ -69,8 +68,6 @@ PRESETS = {
         "<|endoftext|>",
     ),
 }  # fmt: skip
-TRAINED = {"shapes": Path(__file__).parent / "assets" / "shapes"}  # presets whose checkpoint ships trained
-OWNER_MARKER = ".written-by-meissonic-export"
 
 
 def build_random(preset: Preset, seed: int = 0) -> dict[str, torch.nn.Module]:
@@ -115,44 +112,16 @@ def write_checkpoint_folder(modules: dict[str, torch.nn.Module], out: Path, pad_
         if extras is not None:
             extras(staging)
 
-    return _write_folder(out, fill, overwrite)
+    return write_folder(out, fill, overwrite)
 
 
 def write_checkpoint(preset_name: str, out: Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Write a preset's checkpoint: the shipped trained weights for a trained preset (`shapes`), random
     weights from `seed` for the others."""
     if preset_name in TRAINED:
-        source = TRAINED[preset_name]
-
-        def copy(staging: Path) -> None:
-            shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
-            for name in ("vocab.json", "merges.txt"):  # the one shipped copy of CLIP's BPE files, not a second
-                shutil.copyfile(TOKENIZER_ASSETS / name, staging / "tokenizer" / name)
-
-        return _write_folder(out, copy, overwrite)
+        return copy_trained_checkpoint(preset_name, out, overwrite)
     preset = PRESETS[preset_name]
     return write_checkpoint_folder(build_random(preset, seed), out, preset.pad_token, overwrite=overwrite)
-
-
-def _write_folder(out: Path, fill, overwrite: bool = False) -> Path:
-    """Stage a folder beside `out` with `fill(staging)`, mark it as this tool's, and rename it into
-    place: nothing half-written is ever at `out`, and an interrupted write leaves no staging folder.
-    `overwrite` replaces only a folder that carries the marker (one this tool wrote)."""
-    out = Path(out)
-    if out.exists() and not (overwrite and (out / OWNER_MARKER).is_file()):
-        raise FileExistsError(f"{out}: already exists" + (" and was not written by meissonic-export; not replacing it" if overwrite else "; choose another folder or pass --overwrite"))
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-    try:
-        fill(staging)
-        (staging / OWNER_MARKER).write_text("a checkpoint folder written by meissonic-export\n")
-        if out.exists():
-            out.rename(trash)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(trash, ignore_errors=True)
-    return out
 
 
 def _write_json(path: Path, value: dict) -> None:

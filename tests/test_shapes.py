@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from meissonic.reference import shapes
-from meissonic.reference.presets import OWNER_MARKER, PRESETS, TOKENIZER_ASSETS, TRAINED, write_checkpoint
+from meissonic.reference.folder import OWNER_MARKER, TOKENIZER_ASSETS, TRAINED
+from meissonic.reference.presets import PRESETS, write_checkpoint
 from meissonic.reference.training import SHAPES_GENERATION, TrainConfig, train_shapes
 
 SHIPPED = TRAINED["shapes"]
