@@ -11,12 +11,14 @@ from __future__ import annotations
 import gc
 import json
 import math
+import multiprocessing
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -253,7 +255,7 @@ def run_bench(options: BenchOptions) -> Results:
 
         # 5. one step of the released 1B configuration at `grid` (512 px by default: where users run it)
         if options.with_1b:
-            results.one_b = _one_step_1b(options.grid, options, scratch)
+            results.one_b = one_step_of_preset("meissonic-1b", options.grid, options, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         torch.set_num_threads(threads)
@@ -276,31 +278,35 @@ def _peak_rss(command: list[str]) -> float:
     return round(int(out.stdout.strip()) / 1024, 1)
 
 
-def _one_step_1b(grid: int, options: BenchOptions, scratch: Path) -> dict:
-    """Random-weight 1B transformer: one denoise step in PyTorch, and in onnxruntime float32 and int4."""
-    from meissonic.quantize.onnx_quant import quantize_graph
-    from meissonic.quantize.recipe import Recipe, quantizable_layers
+PRESET_STEP_VARIANTS = ("fp32", "int8", "int4")
+
+
+def one_step_of_preset(preset: str, grid: int, options: BenchOptions, scratch: Path) -> dict:
+    """A preset's random-weight transformer (the released 1B configuration in the benchmark): one denoise
+    step in PyTorch, and in onnxruntime float32, int8 and int4."""
     from meissonic.reference.presets import PRESETS
     from meissonic.reference.transformer import MeissonicTransformer
 
     from .onnx_export import export_onnx, trace_inputs
 
-    _note(options, "1B: building a random transformer and exporting its denoise step (not timed)")
+    _note(options, f"{preset}: building a random transformer and exporting its denoise step (not timed)")
     torch.manual_seed(0)
-    config = PRESETS["meissonic-1b"].transformer
+    config = PRESETS[preset].transformer
     transformer = MeissonicTransformer(config).eval()
     spec = GRAPHS["denoise_step"]
     module = spec.build({"transformer": transformer})
     info = transformer_facts(config)
     inputs = _step_inputs(info, grid)
-    path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), scratch / "1b" / "fp32", spec.shapes(info))
+    path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), scratch / preset / "fp32", spec.shapes(info))
     del module
     gc.collect()  # the exporter's garbage: the 1B export peaks near 15 GB
-    # int4 only: quantizing the 1B to int8 in this process as well (the PyTorch model still loaded) ran
-    # this 24 GB machine out of memory; `pytest -m slow tests/test_scale.py` measures int8 in its own process.
-    recipe = Recipe.load("int4")
-    int4, _ = quantize_graph(path, scratch / "1b" / "int4", spec.weights_prefix, recipe.plan(quantizable_layers(transformer)), recipe)
-    paths = {"fp32": path, "int4": int4}
+    paths = {"fp32": path}
+    for variant in PRESET_STEP_VARIANTS[1:]:
+        _note(options, f"{preset}: quantizing the step to {variant} in a child process (not timed)")
+        # In a child: quantizing the 1B to int8 in this process (beside the loaded PyTorch model and the
+        # exporter's leftovers) ran this 24 GB machine out of memory; a child's memory is returned when it ends.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            paths[variant] = Path(child.submit(_quantize_step, preset, path, scratch / preset / variant, variant, options.block_size).result())
     # One session at a time, each interleaved with PyTorch: three 1B sessions (prepacked weights) beside the
     # PyTorch model do not fit this 24 GB machine.
     ratios = {}
@@ -310,6 +316,20 @@ def _one_step_1b(grid: int, options: BenchOptions, scratch: Path) -> dict:
         del graph
     sizes = {f"{variant}_bytes": sum(f.stat().st_size for f in p.parent.iterdir()) for variant, p in paths.items()}
     return {**ratios, **sizes, "grid": grid}
+
+
+def _quantize_step(preset: str, fp32_path: Path, out: Path, variant: str, block_size: int | None) -> str:
+    """A preset's step graph quantized by `variant`'s recipe, its layers read from the config on the meta device."""
+    from meissonic.quantize.onnx_quant import quantize_graph
+    from meissonic.quantize.recipe import Recipe, quantizable_layers
+    from meissonic.reference.presets import PRESETS
+    from meissonic.reference.transformer import MeissonicTransformer
+
+    with torch.device("meta"):
+        transformer = MeissonicTransformer(PRESETS[preset].transformer)
+    recipe = Recipe.load(variant, block_size)
+    path, _ = quantize_graph(fp32_path, out, GRAPHS["denoise_step"].weights_prefix, recipe.plan(quantizable_layers(transformer)), recipe)
+    return str(path)
 
 
 def _ratio(r: Ratio) -> str:
@@ -361,7 +381,7 @@ def markdown(results: Results) -> str:
             (
                 f"Released 1B configuration (random weights), one denoise step at {one['grid']}x{one['grid']} tokens, interleaved with "
                 f"PyTorch ({one['fp32'].reference_ms:.0f} ms): "
-                + "; ".join(f"onnxruntime {v} {_ratio(one[v])}, {one[v].candidate_ms:.0f} ms, {one[f'{v}_bytes'] / 1e6:.0f} MB" for v in ("fp32", "int4"))
+                + "; ".join(f"onnxruntime {v} {_ratio(one[v])}, {one[v].candidate_ms:.0f} ms, {one[f'{v}_bytes'] / 1e6:.0f} MB" for v in PRESET_STEP_VARIANTS if v in one)
                 + "."
             ),
         ]

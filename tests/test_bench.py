@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from meissonic_export.bench import BenchOptions, markdown, run_bench, write
+from meissonic_export.bench import PRESET_STEP_VARIANTS, BenchOptions, markdown, one_step_of_preset, run_bench, write
 
 from .conftest import QUANTIZED_VARIANTS
 
@@ -32,3 +32,15 @@ def test_bench_smoke(tiny_bundle, golden_checkpoint, tmp_path):
     paths = write(results, tmp_path)
     assert json.loads(paths[0].read_text())["settings"]["threads"] == "2"
     assert all(p.stat().st_size > 0 for p in paths) and paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_step_of_a_preset_times_float32_int8_and_int4(tmp_path):
+    """The benchmark's 1B measurement, on the tiny preset: the step is exported, quantized to int8 and int4
+    in child processes (where the 1B's quantization has the memory it needs), and each variant is timed
+    in pairs with PyTorch."""
+    options = BenchOptions(repeats=2, warmup=0, block_size=32, progress=False)
+    one = one_step_of_preset("tiny", 8, options, tmp_path)
+    assert one["grid"] == 8
+    for variant in PRESET_STEP_VARIANTS:
+        assert one[variant].pairs == 2 and one[variant].candidate_ms > 0 and one[variant].reference_ms > 0
+    assert one["int4_bytes"] < one["int8_bytes"] < one["fp32_bytes"]
