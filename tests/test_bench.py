@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from meissonic_export.bench import PRESET_STEP_VARIANTS, BenchOptions, markdown, one_step_of_preset, run_bench, write
 
 from .conftest import QUANTIZED_VARIANTS
@@ -34,6 +36,7 @@ def test_bench_smoke(tiny_bundle, golden_checkpoint, tmp_path):
     assert all(p.stat().st_size > 0 for p in paths) and paths[2].read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # a minute of exports and child processes: the default suite stays under 15 minutes
 def test_one_step_of_a_preset_times_float32_int8_and_int4(tmp_path):
     """The benchmark's 1B measurement, on the tiny preset: the step is exported, quantized to int8 and int4
     in child processes (where the 1B's quantization has the memory it needs), and each variant is timed
