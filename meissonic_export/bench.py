@@ -284,6 +284,8 @@ PRESET_STEP_VARIANTS = ("fp32", "int8", "int4")
 def one_step_of_preset(preset: str, grid: int, options: BenchOptions, scratch: Path) -> dict:
     """A preset's random-weight transformer (the released 1B configuration in the benchmark): one denoise
     step in PyTorch, and in onnxruntime float32, int8 and int4."""
+    from meissonic.quantize.onnx_quant import quantize_graph
+    from meissonic.quantize.recipe import Recipe, quantizable_layers
     from meissonic.reference.presets import PRESETS
     from meissonic.reference.transformer import MeissonicTransformer
 
@@ -303,10 +305,12 @@ def one_step_of_preset(preset: str, grid: int, options: BenchOptions, scratch: P
     paths = {"fp32": path}
     for variant in PRESET_STEP_VARIANTS[1:]:
         _note(options, f"{preset}: quantizing the step to {variant} in a child process (not timed)")
+        recipe = Recipe.load(variant, options.block_size)
+        plan = recipe.plan(quantizable_layers(transformer))
         # In a child: quantizing the 1B to int8 in this process (beside the loaded PyTorch model and the
         # exporter's leftovers) ran this 24 GB machine out of memory; a child's memory is returned when it ends.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-            paths[variant] = Path(child.submit(_quantize_step, preset, path, scratch / preset / variant, variant, options.block_size).result())
+            paths[variant], _ = child.submit(quantize_graph, path, scratch / preset / variant, spec.weights_prefix, plan, recipe).result()
     # One session at a time, each interleaved with PyTorch: three 1B sessions (prepacked weights) beside the
     # PyTorch model do not fit this 24 GB machine.
     ratios = {}
@@ -316,20 +320,6 @@ def one_step_of_preset(preset: str, grid: int, options: BenchOptions, scratch: P
         del graph
     sizes = {f"{variant}_bytes": sum(f.stat().st_size for f in p.parent.iterdir()) for variant, p in paths.items()}
     return {**ratios, **sizes, "grid": grid}
-
-
-def _quantize_step(preset: str, fp32_path: Path, out: Path, variant: str, block_size: int | None) -> str:
-    """A preset's step graph quantized by `variant`'s recipe, its layers read from the config on the meta device."""
-    from meissonic.quantize.onnx_quant import quantize_graph
-    from meissonic.quantize.recipe import Recipe, quantizable_layers
-    from meissonic.reference.presets import PRESETS
-    from meissonic.reference.transformer import MeissonicTransformer
-
-    with torch.device("meta"):
-        transformer = MeissonicTransformer(PRESETS[preset].transformer)
-    recipe = Recipe.load(variant, block_size)
-    path, _ = quantize_graph(fp32_path, out, GRAPHS["denoise_step"].weights_prefix, recipe.plan(quantizable_layers(transformer)), recipe)
-    return str(path)
 
 
 def _ratio(r: Ratio) -> str:
@@ -381,7 +371,7 @@ def markdown(results: Results) -> str:
             (
                 f"Released 1B configuration (random weights), one denoise step at {one['grid']}x{one['grid']} tokens, interleaved with "
                 f"PyTorch ({one['fp32'].reference_ms:.0f} ms): "
-                + "; ".join(f"onnxruntime {v} {_ratio(one[v])}, {one[v].candidate_ms:.0f} ms, {one[f'{v}_bytes'] / 1e6:.0f} MB" for v in PRESET_STEP_VARIANTS if v in one)
+                + "; ".join(f"onnxruntime {v} {_ratio(one[v])}, {one[v].candidate_ms:.0f} ms, {one[f'{v}_bytes'] / 1e6:.0f} MB" for v in PRESET_STEP_VARIANTS)
                 + "."
             ),
         ]

@@ -410,7 +410,8 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelFacts, cases, stagi
     by_target = {target: [v for v in variants if VARIANTS[v].coreml_target == target] for target in dict.fromkeys(VARIANTS[v].coreml_target for v in variants)}
     sizes = list(options.resolutions) if "height" in spec.dims else [None]
     f = info.vae_scale_factor
-    precision = {"compute": "float32", "weights": "float32"} if spec.coreml_compute == "fp32" else {"compute": f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})"}
+    # a float32 graph keeps float32 weights whatever the variant; a float16 graph's weights are the variant's
+    compute, fixed_weights = ("float32", "float32") if spec.coreml_compute == "fp32" else (f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})", None)
     entries = []
     for size in sizes:
         dims = {"batch": 1} if size is None else {"batch": 1, "height": size[1] // f, "width": size[0] // f}
@@ -440,7 +441,7 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelFacts, cases, stagi
                     "name": spec.name, "target": "coreml", "variant": variant, "path": parts[variant][0]["path"], "files": files,
                     "bytes": sum(part["bytes"] for part in parts[variant]), "deployment_target": target,
                     **({"resolution": list(size)} if size else {}), "static_shapes": dims,
-                    "precision": {**precision, "weights": precision.get("weights", {"fp16": "float16"}.get(variant, variant)), "inputs_outputs": "float32; token ids int32"},
+                    "precision": {"compute": compute, "weights": fixed_weights or {"fp16": "float16"}.get(variant, variant), "inputs_outputs": "float32; token ids int32"},
                     "description": spec.description, **spec.interface(info, {"int64": "int32"}),
                     **({"chunks": parts[variant]} if len(parts[variant]) > 1 else {}),
                 }  # fmt: skip
