@@ -30,7 +30,9 @@ from meissonic_export.validate import BUDGETS, psnr_db, validate
 
 from .conftest import EXPORT_RESOLUTIONS, check_whole_run_report
 
-COREML_QUANTIZED = ("int8", "int4", "palette4", "palette6")
+# palette6 is palette4's path with 6 bits (one argument of coremltools' palettizer): the default run keeps
+# 15 minutes by exporting one palette; the slow full evaluation of `shapes` exports and judges both.
+COREML_QUANTIZED = ("int8", "int4", "palette4")
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +80,7 @@ def test_manifest_describes_every_package(coreml_manifest, info):
             assert sum(c["bytes"] for c in chunks) == raw["bytes"] and all(c["bytes"] > 0 for c in chunks)
         if graph.variant != "fp16":
             q = raw["quantization"]
-            lowest = {"int8": 8, "int4": 4, "palette4": 4, "palette6": 6}[graph.variant]
+            lowest = {"int8": 8, "int4": 4, "palette4": 4}[graph.variant]
             assert set(q["bits"].values()) <= {8, lowest}, (graph.name, graph.variant)  # the recipes keep sensitive layers at 8 bits
             assert graph.name == "text_encoder" or lowest in q["bits"].values()  # CLIP stays int8 (README: 11.9 dB at int4)
             assert q["weight_sqnr_db"] >= BUDGETS[graph.variant].min_sqnr_db, (graph.name, graph.variant, q["weight_sqnr_db"])
