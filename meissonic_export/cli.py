@@ -17,11 +17,12 @@ from meissonic.runtimes.cli_common import (
     check_output_file,
     finite_float,
     names,
+    numbered_paths,
     parse_size,
     run_main,
     save_images,
 )
-from meissonic.runtimes.limits import check_int
+from meissonic.runtimes.limits import check_int, check_request
 
 from .options import (
     DEFAULT_GRAPHS,
@@ -32,8 +33,10 @@ from .options import (
     TARGETS,
     ExportError,
     ExportOptions,
+    check_checkpoint_folder,
     check_options,
     check_output_folder,
+    read_generation_config,
 )  # fmt: skip
 
 NEURAL_ENGINE_BYTES = 1e9  # packages larger than this load slowly or not at all on the Neural Engine (Apple's SD tooling splits at it)
@@ -75,21 +78,28 @@ def _train(args) -> None:
 
 
 def _reference(args) -> None:
-    """Text-to-image with the PyTorch reference (official randomness: torch.Generator seeded with --seed)."""
+    """Text-to-image with the PyTorch reference (official randomness: torch.Generator seeded with --seed).
+    Settings not given are the checkpoint's own (its generation_config.json), as meissonic-generate takes
+    them from the bundle: the shapes model at the official 1024 px, 48 steps and guidance 9 draws scattered
+    spots (read as a purple triangle for a red circle), at its own 256 px its usual blob."""
     check_int("--seed", args.seed, 0, 2**63 - 1)
-    check_int("--steps", args.steps, 1, 1000)
-    check_int("--num-images", args.num_images, 1, 16)
-    size = parse_size("--size", args.size)
-    check_output_file("--out", args.out)
+    check_checkpoint_folder(args.checkpoint)
+    defaults = read_generation_config(args.checkpoint)
+    size = parse_size("--size", args.size) if args.size is not None else defaults.resolution or (1024, 1024)
+    steps = defaults.steps if args.steps is None else args.steps
+    guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    temperature = defaults.temperature if args.temperature is None else tuple(args.temperature)
+    check_request(steps, guidance, temperature, strength=1.0, seed=args.seed, images=args.num_images, has_image=False, has_mask=False)
+    check_output_file("--out", args.out, paths=numbered_paths(args.out, args.num_images))
     import torch
 
     from meissonic.reference.pipeline import MeissonicPipeline
 
     pipe = MeissonicPipeline.from_pretrained(args.checkpoint)
     result = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, width=size[0], height=size[1], num_inference_steps=args.steps,
-        guidance_scale=args.guidance, num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
-        progress=not args.no_progress,
+        args.prompt, negative_prompt=args.negative_prompt, width=size[0], height=size[1], num_inference_steps=steps,
+        guidance_scale=guidance, num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
+        temperature=temperature, aesthetic_score=defaults.aesthetic_score, progress=not args.no_progress,
     )  # fmt: skip
     save_images(result.images, args.out)
 
@@ -274,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("checkpoint", type=Path, help="checkpoint folder (diffusers layout)")
     ref.add_argument("prompt", help="text prompt")
     ref.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
-    ref.add_argument("--size", default="1024", help="image size in pixels, e.g. 1024 or 768x512 (default: 1024)")
-    ref.add_argument("--steps", type=int, default=48, help="denoising steps (default: 48)")
-    ref.add_argument("--guidance", type=finite_float, default=9.0, help="classifier-free guidance scale (default: 9)")
+    ref.add_argument("--size", default=None, help="image size in pixels, e.g. 1024 or 768x512 (default: the checkpoint's own from its generation_config.json, else 1024)")
+    ref.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's, else 48)")
+    ref.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (default: the checkpoint's, else 9)")
+    ref.add_argument("--temperature", type=finite_float, nargs=2, default=None, metavar=("START", "END"), help="Gumbel noise temperature, annealed linearly (default: the checkpoint's, else 2 0)")
     ref.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     ref.add_argument("--seed", type=int, default=0, help="seed of the torch generator (default: 0)")
     ref.add_argument("--out", type=Path, default=Path("reference.png"), help="output PNG, numbered when several (default: reference.png)")

@@ -12,7 +12,7 @@ from pathlib import Path
 from meissonic.quantize.variants import BASE_PRECISIONS, VARIANTS, quantized_variants
 from meissonic.reference.folder import CheckpointError
 from meissonic.reference.folder import check_checkpoint_folder as check_folder
-from meissonic.runtimes.bundle import MANIFEST, GenerationDefaults
+from meissonic.runtimes.bundle import MANIFEST, GenerationDefaults, read_manifest
 from meissonic.runtimes.json_files import read_json_object
 from meissonic.runtimes.limits import MAX_SIDE
 
@@ -191,7 +191,11 @@ def check_evaluate_options(bundle: Path, options: EvaluateOptions) -> None:
 
     check_int("--count", options.count, 1, 100_000)
     check_int("--held-out-seeds", options.held_out_seeds, 0, 1000)
-    if not (Path(bundle) / MANIFEST).is_file():
-        raise ExportError(f"{bundle}: not a bundle (no {MANIFEST})")
     if options.out is not None and options.out.exists() and not options.out.is_dir():
         raise ExportError(f"--out: {options.out} exists and is not a folder")
+    if not (Path(bundle) / MANIFEST).is_file():
+        raise ExportError(f"{bundle}: not a bundle (no {MANIFEST})")
+    evaluation = read_manifest(bundle).model.defaults.evaluation
+    if evaluation != "shapes":  # the analyzer reads the shapes world only: any other model would score noise
+        raise ExportError(f"{bundle}: evaluate judges only models trained on the shapes world, and this bundle's "
+                          'generation settings do not say so ("evaluation": "shapes")')

@@ -17,12 +17,14 @@ from .cli_common import (
     UsageError,
     check_output_file,
     finite_float,
+    numbered_paths,
     parse_size,
+    png_mark,
     run_main,
     save_images,
     write_atomically,
 )
-from .limits import MAX_SEED, MAX_STEPS, check_int
+from .limits import MAX_IMAGES_PER_CALL, MAX_SEED, MAX_STEPS, check_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,12 +91,16 @@ class Previews:
 
             self.frames.append(pixels_to_pil(report.preview()))
 
+    @staticmethod
+    def path(out: Path) -> Path:
+        return out.with_name(out.stem + ".steps.png")
+
     def save(self, outputs: list[Path]) -> None:
         for i, out in enumerate(outputs if self.frames else []):
-            path = out.with_name(out.stem + ".steps.png")
+            path = self.path(out)
             frames = [step[i] for step in self.frames]
             write_atomically(path, lambda temporary, frames=frames: frames[0].save(
-                temporary, format="PNG", save_all=True, append_images=frames[1:], duration=400, loop=0))  # fmt: skip
+                temporary, format="PNG", save_all=True, append_images=frames[1:], duration=400, loop=0, pnginfo=png_mark()))  # fmt: skip
             print(f"wrote {path} ({len(frames)} frames)")
 
 
@@ -104,7 +110,9 @@ def run(args) -> None:
     check_int("--seed", args.seed, 0, MAX_SEED)
     check_int("--threads", args.threads, 0, 1024)
     check_int("--preview-every", args.preview_every, 0, MAX_STEPS)
-    check_output_file("--out", args.out)
+    count = len(prompts) * args.num_images  # out of range: refused with the request, below
+    outputs = numbered_paths(args.out, count) if 1 <= count <= MAX_IMAGES_PER_CALL else [args.out]
+    check_output_file("--out", args.out, paths=outputs + ([Previews.path(p) for p in outputs] if args.preview_every else []))
     for option, path in (("--image", args.image), ("--mask", args.mask)):
         if path is not None and not path.is_file():
             raise UsageError(f"{option}: {path} not found")

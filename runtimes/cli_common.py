@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import secrets
 import sys
-import tempfile
 import textwrap
+import warnings
 from pathlib import Path
 
 from .limits import MAX_SIDE, RuntimeInputError
@@ -74,13 +75,31 @@ def numbered_paths(out: Path, count: int) -> list[Path]:
     return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
-def check_output_file(option: str, out: Path, suffix: str = ".png") -> None:
-    """Refuse, before any work, an output path that cannot be written as a file."""
+PNG_SOFTWARE = "meissonic-export"  # the "Software" text entry of every PNG written here: the mark that it may be replaced
+
+
+def _png_written_here(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("Software") == PNG_SOFTWARE
+    except (OSError, UnidentifiedImageError):
+        return False
+
+
+def check_output_file(option: str, out: Path, suffix: str = ".png", paths: list[Path] | None = None) -> None:
+    """Refuse, before any work, an output path that cannot be written as a file, and any of `paths` (the
+    files the command will write; default `out`) that exists and is not a PNG this tool wrote: a user's
+    own image of the same name is never replaced."""
     if out.is_dir():
         raise UsageError(f"{option}: {out} is a folder; give a file name such as {out / ('image' + suffix)}")
     if out.suffix.lower() != suffix:
         raise UsageError(f"{option}: {out} must end in {suffix}")
     check_output_parent(option, out)
+    for path in paths or [out]:
+        if path.is_dir() or (path.exists() and not _png_written_here(path)):
+            raise UsageError(f"{option}: {path} exists and was not written by this tool; give another name or move it away")
 
 
 def check_output_parent(option: str, out: Path) -> None:
@@ -94,13 +113,24 @@ def check_output_parent(option: str, out: Path) -> None:
             return
 
 
+def _new_sibling(path: Path) -> Path:
+    """A new empty file beside `path` with the mode any new file gets (0666 less the umask), so that the
+    renamed result is too. tempfile.mkstemp creates 0600, which left users' images unreadable to others."""
+    while True:
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+
+
 def write_atomically(path: Path, write) -> None:
     """`write(temporary_path)` then rename onto `path`: a reader (or a second process writing the same
     name) sees the old file or the whole new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    temporary = _new_sibling(path)
     try:
         write(Path(temporary))
         os.replace(temporary, path)
@@ -109,18 +139,29 @@ def write_atomically(path: Path, write) -> None:
             os.unlink(temporary)
 
 
+def png_mark():
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    return info
+
+
 def save_images(images, out: Path) -> list[Path]:
     paths = numbered_paths(out, len(images))
     for image, path in zip(images, paths, strict=True):
-        write_atomically(path, lambda temporary, image=image: image.save(temporary, format="PNG"))
+        write_atomically(path, lambda temporary, image=image: image.save(temporary, format="PNG", pnginfo=png_mark()))
         print(f"wrote {path}")
     return paths
 
 
 def run_main(prog: str, run, errors: tuple[type[BaseException], ...]) -> int:
-    """Run a command: known errors and Ctrl-C become one line on stderr (exit 2 and 130)."""
+    """Run a command: known errors and Ctrl-C become one line on stderr (exit 2 and 130); warnings (a
+    truncated prompt) one line each too, without Python's source location."""
     try:
-        run()
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
+            run()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import BundleError
+from .limits import RuntimeInputError
 from .sampler import Backend, categorical_draw
 from .static_shapes import StaticShapeGraph
 
@@ -29,6 +30,16 @@ class OnnxOptions:
     memory_arena: bool = True
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     profile_prefix: str | None = None  # onnxruntime's profiler writes PREFIX_<date>.json (the benchmark)
+
+    def __post_init__(self):
+        # onnxruntime itself only warns and falls back to the CPU: a user who asked for a GPU would get
+        # a CPU run without noticing
+        available = ort.get_available_providers()
+        missing = [p for p in self.providers if p not in available]
+        if missing:
+            raise RuntimeInputError(
+                f"execution provider {', '.join(missing)} is not available in this onnxruntime build (available: {', '.join(available)})"
+            )
 
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()

@@ -38,6 +38,8 @@ def workspace(tmp_path, golden_checkpoint, tiny_bundle):
     (tmp_path / "file.txt").write_text("not a folder")
     (tmp_path / "empty.txt").write_text("\n\n")
     Image.new("RGB", (128, 128), (200, 30, 30)).save(tmp_path / "red.png")
+    for name in ("red-0.png", "x.steps.png"):  # a user's own images where an output would go
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
     Image.new("L", (64, 64), 255).save(tmp_path / "small-mask.png")
     recipes = {"null-layers.json": {"name": "x", "scheme": "int4", "layers": None}, "list.json": [1, 2]}
     for name, value in recipes.items():
@@ -60,6 +62,13 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("export", ["make-checkpoint", "ck", "--preset", "huge"], "--preset"),
         ("export", ["train", "mydocs", "--overwrite"], "not a checkpoint folder written by meissonic-export"),
         ("export", ["train", "ck", "--threads", "0"], "--threads"),
+        # reference
+        ("export", ["reference", "missing", "a cat"], "missing: checkpoint folder not found"),
+        ("export", ["reference", "GOLDEN", "a cat", "--steps", "0"], "--steps"),
+        ("export", ["reference", "GOLDEN", "a cat", "--temperature", "-1", "0"], "--temperature"),
+        ("export", ["reference", "GOLDEN", "a cat", "--size", "100"], "multiples of"),
+        ("export", ["reference", "GOLDEN", "a cat", "--out", "mydocs"], "--out: mydocs is a folder"),
+        ("export", ["reference", "GOLDEN", "a cat", "--out", "red.png"], "red.png exists and was not written by this tool"),
         # export
         ("export", ["export", "missing", "--out", "b"], "missing: checkpoint folder not found"),
         ("export", ["export", "mydocs", "--out", "b"], "no model_index.json"),
@@ -93,6 +102,7 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("export", ["export", golden], "--out"),
         # evaluate
         ("export", ["evaluate", "missing"], "not a bundle"),
+        ("export", ["evaluate", bundle], "only models trained on the shapes world"),
         ("export", ["evaluate", bundle, "--count", "0"], "--count"),
         ("export", ["evaluate", bundle, "--held-out-seeds", "-1"], "--held-out-seeds"),
         ("export", ["evaluate", bundle, "--backend", "tpu"], "--backend"),
@@ -135,10 +145,14 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("generate", [*gen, "--out", "mydocs"], "--out: mydocs is a folder"),
         ("generate", [*gen, "--out", "file.txt/x.png"], "file.txt is a file"),
         ("generate", [*gen, "--out", "image.jpg"], "must end in .png"),
+        ("generate", [*gen, "--out", "red.png"], "red.png exists and was not written by this tool"),
+        ("generate", [*gen, "--num-images", "2", "--out", "red.png"], "red-0.png exists and was not written by this tool"),
+        ("generate", [*gen, "--out", "x.png", "--preview-every", "1"], "x.steps.png exists and was not written by this tool"),
         ("generate", [*gen, "--variant", "int7"], "variant 'int7' is not in"),
         ("generate", [*gen, "--backend", "coreml"], "no coreml graphs"),
         ("generate", [*gen, "--threads", "-1"], "--threads"),
         ("generate", [*gen, "--backend", "cuda"], "--backend"),
+        ("generate", [*gen, "--provider", "NoSuchExecutionProvider"], "NoSuchExecutionProvider is not available in this onnxruntime"),
     ]
 
 
@@ -168,9 +182,23 @@ def test_bad_input_is_one_line_and_leaves_nothing(index, workspace, golden_check
 
 def test_the_suite_covers_every_command():
     commands = {(c, a[0] if c == "export" else "generate") for c, a, _ in CASES}
-    assert {("export", name) for name in ("make-checkpoint", "train", "export", "evaluate", "port-kit")} <= commands
+    assert {("export", name) for name in ("make-checkpoint", "train", "reference", "export", "evaluate", "port-kit")} <= commands
     assert ("generate", "generate") in commands
     assert len(CASES) >= 60
+
+
+def test_a_truncated_prompt_is_one_warning_line_and_own_outputs_are_replaced(tiny_bundle, tmp_path, capsys):
+    """Not an error (CLIP truncates, as the official pipeline does), but said in one line, not as a Python
+    warning; and a second run onto the same name replaces the image the first wrote (a user's own is refused above)."""
+    out = tmp_path / "long.png"
+    argv = [str(tiny_bundle), "a cat " * 60, "--size", "192x128", "--steps", "2", "--out", str(out), "--no-progress"]
+    assert generate_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "meissonic-generate: warning: prompt truncated to 77 tokens (122 given)\n" in err, err
+    assert "UserWarning" not in err and "warnings.warn" not in err, err
+    first = out.read_bytes()
+    assert generate_main([*argv, "--seed", "1"]) == 0, "an image this tool wrote may be replaced"
+    assert out.read_bytes() != first
 
 
 def test_manifest_missing_keys_is_one_line(tiny_bundle, tmp_path, capsys):
@@ -304,3 +332,20 @@ def test_atomic_writes_leave_old_or_new_never_half(tmp_path):
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
     write_atomically(target, lambda path: path.write_bytes(b"new"))
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
+
+
+def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
+    """0666 less the umask, as `open` gives: the temporary file it is renamed from must not keep a private 0600."""
+    import os
+
+    from meissonic.runtimes.cli_common import write_atomically
+
+    previous = os.umask(0o022)
+    try:
+        write_atomically(tmp_path / "image.png", lambda path: path.write_bytes(b"png"))
+        os.umask(0o077)
+        write_atomically(tmp_path / "private.png", lambda path: path.write_bytes(b"png"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "image.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.png").stat().st_mode & 0o777 == 0o600

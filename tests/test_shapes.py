@@ -118,6 +118,33 @@ def test_bundle_carries_the_model_card_settings(shapes_bundle):
     assert runtime.default_size == tuple(SHAPES_GENERATION["resolution"])
 
 
+def test_reference_command_draws_with_the_checkpoints_own_settings(shapes_checkpoint, tmp_path, monkeypatch):
+    """`meissonic-export reference` takes what is not given from the checkpoint's generation_config.json,
+    as meissonic-generate takes it from the bundle (the official 1024 px and 48 steps draw nothing here);
+    flags still win. The pipeline call is recorded, not run: what is checked is what it is asked for."""
+    from meissonic.reference.pipeline import MeissonicPipeline, PipelineOutput
+    from meissonic_export.cli import main
+
+    calls = []
+
+    def record(self, prompt, **kwargs):
+        calls.append(kwargs)
+        height, width = kwargs["height"], kwargs["width"]
+        return PipelineOutput(torch.zeros(1, height // 16, width // 16, dtype=torch.long), np.zeros((1, 3, height, width), np.float32))
+
+    monkeypatch.setattr(MeissonicPipeline, "__call__", record)
+    prompt, own_png = "a red circle on a blue background", tmp_path / "own.png"
+    assert main(["reference", str(shapes_checkpoint), prompt, "--out", str(own_png), "--no-progress"]) == 0
+    flags = ["--size", "512", "--steps", "3", "--guidance", "1.5", "--temperature", "1", "0"]
+    assert main(["reference", str(shapes_checkpoint), prompt, *flags, "--out", str(tmp_path / "flags.png"), "--no-progress"]) == 0
+    own, given = calls
+    assert ((own["width"], own["height"]), own["num_inference_steps"], own["guidance_scale"], tuple(own["temperature"])) == (
+        tuple(SHAPES_GENERATION["resolution"]), SHAPES_GENERATION["steps"], SHAPES_GENERATION["guidance_scale"], tuple(SHAPES_GENERATION["temperature"])
+    )
+    assert ((given["width"], given["height"]), given["num_inference_steps"], given["guidance_scale"], given["temperature"]) == ((512, 512), 3, 1.5, (1.0, 0.0))
+    assert Image.open(own_png).size == tuple(SHAPES_GENERATION["resolution"])
+
+
 def test_a_small_evaluation_subset_draws_the_prompts(shapes_bundle, tmp_path):
     """24 in-grammar and 8 held-out pairs through the reference and ONNX float32: the reference and the
     runtime agree token for token, and the float32 bound of the full evaluation holds here too."""
