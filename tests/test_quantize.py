@@ -127,19 +127,32 @@ def test_reported_weights_are_what_the_kernel_computes_with(bits, tmp_path):
     assert sqnr_db(weight, reported.T) > (35 if bits == 8 else 18)
 
 
+@pytest.fixture(scope="module")
+def external_data_step(golden_components, info, tmp_path_factory):
+    """The tiny denoise step exported the way the 1B one is, weights in model.onnx.data (one export
+    serves both variants below). The threshold stays lowered for the quantizations, which read it too."""
+    from meissonic.quantize import graph_files
+    from meissonic_export import onnx_export
+
+    spec = GRAPHS["denoise_step"]
+    module = spec.build(golden_components)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(graph_files, "EXTERNAL_DATA_BYTES", 0)  # the tiny graph takes the 1B path
+        example = onnx_export.trace_inputs(spec, info, np.random.default_rng(0))
+        fp32 = onnx_export.export_onnx(spec, module, example, tmp_path_factory.mktemp("external") / "fp32", spec.shapes(info))
+    return spec, module, fp32
+
+
 @pytest.mark.parametrize("variant", ["int8", "int4"])
-def test_external_data_holds_each_weight_once(variant, golden_components, info, tmp_path, monkeypatch):
+def test_external_data_holds_each_weight_once(variant, external_data_step, info, tmp_path, monkeypatch):
     """Graphs over the external-data threshold (the 1B ones) keep their weights in model.onnx.data.
     Every byte of it must be referenced once (onnx appends to an existing file: a re-save doubled the
     1B int4 graph to 1.16 GB), the file readable by others, and the graph still right."""
     from meissonic.quantize import graph_files
     from meissonic.quantize.recipe import quantizable_layers
-    from meissonic_export import onnx_export
 
-    monkeypatch.setattr(graph_files, "EXTERNAL_DATA_BYTES", 0)  # the tiny graph takes the 1B path
-    spec = GRAPHS["denoise_step"]
-    module = spec.build(golden_components)
-    fp32 = onnx_export.export_onnx(spec, module, onnx_export.trace_inputs(spec, info, np.random.default_rng(0)), tmp_path / "fp32", spec.shapes(info))
+    monkeypatch.setattr(graph_files, "EXTERNAL_DATA_BYTES", 0)
+    spec, module, fp32 = external_data_step
     recipe = Recipe.load(variant, 32)
     path, _ = quantize_graph(fp32, tmp_path / variant, spec.weights_prefix, recipe.plan(quantizable_layers(spec.weights_module(module))), recipe)
     data = path.parent / "model.onnx.data"
