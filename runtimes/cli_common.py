@@ -88,14 +88,14 @@ def _png_written_here(path: Path) -> bool:
         return False
 
 
-def check_output_file(option: str, out: Path, suffix: str = ".png", paths: list[Path] | None = None) -> None:
-    """Refuse, before any work, an output path that cannot be written as a file, and any of `paths` (the
+def check_output_file(option: str, out: Path, paths: list[Path] | None = None) -> None:
+    """Refuse, before any work, a PNG output path that cannot be written as a file, and any of `paths` (the
     files the command will write; default `out`) that exists and is not a PNG this tool wrote: a user's
     own image of the same name is never replaced."""
     if out.is_dir():
-        raise UsageError(f"{option}: {out} is a folder; give a file name such as {out / ('image' + suffix)}")
-    if out.suffix.lower() != suffix:
-        raise UsageError(f"{option}: {out} must end in {suffix}")
+        raise UsageError(f"{option}: {out} is a folder; give a file name such as {out / 'image.png'}")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"{option}: {out} must end in .png")
     check_output_parent(option, out)
     for path in paths or [out]:
         if path.is_dir() or (path.exists() and not _png_written_here(path)):
