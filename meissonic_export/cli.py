@@ -86,9 +86,7 @@ def _reference(args) -> None:
     check_checkpoint_folder(args.checkpoint)
     defaults = read_generation_config(args.checkpoint)
     size = parse_size("--size", args.size) if args.size is not None else defaults.resolution or (1024, 1024)
-    steps = defaults.steps if args.steps is None else args.steps
-    guidance = defaults.guidance_scale if args.guidance is None else args.guidance
-    temperature = defaults.temperature if args.temperature is None else tuple(args.temperature)
+    steps, guidance, temperature = defaults.sampling(args.steps, args.guidance, args.temperature)
     check_request(steps, guidance, temperature, strength=1.0, seed=args.seed, images=args.num_images, has_image=False, has_mask=False)
     check_output_file("--out", args.out, paths=numbered_paths(args.out, args.num_images))
     import torch

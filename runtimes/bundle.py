@@ -54,6 +54,14 @@ class GenerationDefaults:
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+    def sampling(self, steps: int | None, guidance_scale: float | None, temperature) -> tuple[int, float, tuple[float, float]]:
+        """(steps, guidance scale, temperature): a caller's own where given, else these."""
+        return (
+            self.steps if steps is None else steps,
+            self.guidance_scale if guidance_scale is None else guidance_scale,
+            self.temperature if temperature is None else tuple(temperature),
+        )
+
 
 @dataclass(frozen=True)
 class ModelFacts:

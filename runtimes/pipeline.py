@@ -88,9 +88,7 @@ class MeissonicRuntime:
         the model's resolution, else the bundle's largest."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         defaults = self.manifest.model.defaults
-        steps = defaults.steps if steps is None else steps
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-        temperature = defaults.temperature if temperature is None else tuple(temperature)
+        steps, guidance_scale, temperature = defaults.sampling(steps, guidance_scale, temperature)
         if width is None or height is None:
             width, height = self.default_size
         supported = self.manifest.resolutions

@@ -120,7 +120,7 @@ def test_bundle_carries_the_model_card_settings(shapes_bundle):
 
 def test_reference_command_draws_with_the_checkpoints_own_settings(shapes_checkpoint, tmp_path, monkeypatch):
     """`meissonic-export reference` takes what is not given from the checkpoint's generation_config.json,
-    as meissonic-generate takes it from the bundle (the official 1024 px and 48 steps draw nothing here);
+    as meissonic-generate takes it from the bundle (at the official 1024 px and 48 steps it draws scattered spots);
     flags still win. The pipeline call is recorded, not run: what is checked is what it is asked for."""
     from meissonic.reference.pipeline import MeissonicPipeline, PipelineOutput
     from meissonic_export.cli import main
