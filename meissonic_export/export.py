@@ -422,8 +422,11 @@ def _export_coreml_graph(spec: GraphSpec, module, info: ModelFacts, cases, stagi
     weights = spec.weights_module(module)
     layers = quantizable_layers(weights)
     variants = options.coreml_variants if spec.quantizable else ["fp16"]
-    by_target = {target: [v for v in variants if VARIANTS[v].coreml_target == target] for target in dict.fromkeys(VARIANTS[v].coreml_target for v in variants)}
     sizes = list(options.resolutions) if "height" in spec.dims else [None]
+    # Several resolutions end in one iOS 18 multifunction package per variant (_share_packages_across_resolutions),
+    # so every variant converts once, at iOS 18, rather than once per deployment target it could have had alone.
+    target_of = {v: "iOS18" if len(sizes) > 1 else VARIANTS[v].coreml_target for v in variants}
+    by_target = {target: [v for v in variants if target_of[v] == target] for target in dict.fromkeys(target_of.values())}
     f = info.vae_scale_factor
     # a float32 graph keeps float32 weights whatever the variant; a float16 graph's weights are the variant's
     compute, fixed_weights = ("float32", "float32") if spec.coreml_compute == "fp32" else (f"float16, float32 where it matters ({', '.join(FP32_REGIONS)})", None)
@@ -485,12 +488,12 @@ def _share_packages_across_resolutions(entries: list[dict], staging: Path) -> No
     functions share once: for `shapes` the float16 step at 256 and 512 px is 6.0 MB in one package
     against 11.9 MB in two. Enumerated input shapes would keep one program, but the rotary tables
     depend on the grid, which the traced program bakes in. The price: multifunction packages need
-    iOS 18 / macOS 15 (specification 9); a bundle of one resolution keeps its iOS 17 package. The palette
-    variants keep one package per resolution: coremltools 9 cannot lift their iOS 16 lookup-table
-    constants (`constexpr_lut_to_dense` with a `shape` input) into an iOS 18 multifunction program."""
+    iOS 18 / macOS 15 (specification 9); a bundle of one resolution keeps its iOS 17 package. Every
+    variant was converted and compressed at iOS 18 for this: palettes then use iOS 18's lookup-table
+    constants, which a multifunction program holds (coremltools 9 cannot lift iOS 16's into one)."""
     from .coreml_convert import save_multifunction_package
 
-    for variant in dict.fromkeys(e["variant"] for e in entries if not e["variant"].startswith("palette")):
+    for variant in dict.fromkeys(e["variant"] for e in entries):
         group = [e for e in entries if e["variant"] == variant]
         parts = [e.get("chunks") or [{"path": e["path"]}] for e in group]
         for index in range(len(parts[0])):

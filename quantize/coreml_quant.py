@@ -7,6 +7,9 @@
 | palette4  | 4-bit lookup table per tensor (uniform)     | int8 per output channel  | iOS 17            |
 | palette6  | 6-bit lookup table per tensor (uniform)     | int8 per output channel  | iOS 17            |
 
+(The oldest target each can have: an export of several resolutions converts every variant at iOS 18,
+the multifunction packages' own.)
+
 Weights are addressed by name (`weight_constants`), so a recipe's layer rules select exactly the
 constants they name. Constants that are not weights (CLIP's
 causal mask, rotary tables) are never touched: compressing them is wrong (the mask's -3.4e38 becomes

@@ -67,8 +67,8 @@ def test_manifest_describes_every_package(coreml_manifest, info):
     verify_files(coreml_manifest, sorted({f for g in graphs for f in g.raw["files"]}))  # sha256 of every file
     for graph in graphs:
         raw = graph.raw
-        # int4 blocks and multifunction packages (two resolutions here) need iOS 18; palettes stay per resolution (see export)
-        shared = "resolution" in raw and not graph.variant.startswith("palette")
+        # int4 blocks and multifunction packages (two resolutions here, every variant's) need iOS 18
+        shared = "resolution" in raw
         assert raw["deployment_target"] == ("iOS18" if graph.variant == "int4" or shared else "iOS17"), graph.name
         assert raw["static_shapes"]["batch"] == 1 and raw["parity"] and raw["budget"] == BUDGETS[graph.variant].to_dict()
         assert raw["bytes"] == sum(coreml_manifest.raw["files"][f]["bytes"] for f in raw["files"])
@@ -89,12 +89,12 @@ def test_manifest_describes_every_package(coreml_manifest, info):
 
 
 def test_one_package_serves_every_resolution(coreml_manifest):
-    """Per graph, variant (palettes apart) and chunk one multifunction package, one function per
+    """Per graph, variant (palettes included) and chunk one multifunction package, one function per
     resolution, each entry pointing at its own; the weights are stored once (the package is far from
     twice one resolution's)."""
     from meissonic.runtimes.coreml_eval import CoreMLProgram
 
-    graphs = [g for g in coreml_manifest.graphs if g.target == "coreml" and "resolution" in g.raw and not g.variant.startswith("palette")]
+    graphs = [g for g in coreml_manifest.graphs if g.target == "coreml" and "resolution" in g.raw]
     by_package: dict[str, list] = {}
     for graph in graphs:
         for part in graph.raw.get("chunks") or [graph.raw]:
