@@ -22,7 +22,7 @@ from meissonic.runtimes.cli_common import (
     run_main,
     save_images,
 )
-from meissonic.runtimes.limits import check_int, check_request
+from meissonic.runtimes.limits import check_int, check_request, check_threads
 
 from .options import (
     DEFAULT_GRAPHS,
@@ -234,9 +234,9 @@ def _bench(args) -> None:
     memory of a generation process per variant, graph sizes, where a step's time goes, and one step of the
     released 1B configuration (random weights) in onnxruntime float32, int8 and int4, each quantized in a child
     process (15 minutes and up to 16 GB of memory on this 2-core machine). Writes bench.json, bench.md and PNG plots."""
-    for option, value, low, high in (("--repeats", args.repeats, 1, 1000), ("--warmup", args.warmup, 0, 100), ("--threads", args.threads, 1, 256),
-                                      ("--grid", args.grid, 1, 128), ("--steps", args.steps, 1, 1000)):  # fmt: skip
+    for option, value, low, high in (("--repeats", args.repeats, 1, 1000), ("--warmup", args.warmup, 0, 100), ("--grid", args.grid, 1, 128), ("--steps", args.steps, 1, 1000)):
         check_int(option, value, low, high)
+    check_threads("--threads", args.threads, 1)  # more threads than CPUs would time the time-slicing
     from .bench import BenchOptions, markdown, run_bench, write
 
     options = BenchOptions(

@@ -24,7 +24,7 @@ from .cli_common import (
     save_images,
     write_atomically,
 )
-from .limits import MAX_IMAGES_PER_CALL, MAX_SEED, MAX_STEPS, check_int
+from .limits import MAX_IMAGES_PER_CALL, MAX_SEED, MAX_STEPS, check_int, check_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +108,7 @@ def run(args) -> None:
     prompts = _prompts(args)
     width, height = parse_size("--size", args.size) if args.size is not None else (None, None)
     check_int("--seed", args.seed, 0, MAX_SEED)
-    check_int("--threads", args.threads, 0, 1024)
+    check_threads("--threads", args.threads, 0)
     check_int("--preview-every", args.preview_every, 0, MAX_STEPS)
     count = len(prompts) * args.num_images  # out of range: refused with the request, below
     outputs = numbered_paths(args.out, count) if 1 <= count <= MAX_IMAGES_PER_CALL else [args.out]

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import BundleError
-from .limits import RuntimeInputError
+from .limits import RuntimeInputError, check_threads
 from .sampler import Backend, categorical_draw
 from .static_shapes import StaticShapeGraph
 
@@ -32,6 +32,7 @@ class OnnxOptions:
     profile_prefix: str | None = None  # onnxruntime's profiler writes PREFIX_<date>.json (the benchmark)
 
     def __post_init__(self):
+        check_threads("intra_op_threads", self.intra_op_threads, 0)
         # onnxruntime itself only warns and falls back to the CPU: a user who asked for a GPU would get
         # a CPU run without noticing
         available = ort.get_available_providers()

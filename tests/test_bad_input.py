@@ -115,6 +115,7 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         # bench
         ("export", ["bench", "--repeats", "0"], "--repeats"),
         ("export", ["bench", "--grid", "0"], "--grid"),
+        ("export", ["bench", "--threads", "1000"], "--threads: 1000 threads is more than the"),
         # meissonic-generate
         ("generate", ["missing", "a cat"], "missing: bundle folder not found"),
         ("generate", ["mydocs", "a cat"], "manifest.json: missing"),
@@ -151,6 +152,7 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("generate", [*gen, "--variant", "int7"], "variant 'int7' is not in"),
         ("generate", [*gen, "--backend", "coreml"], "no coreml graphs"),
         ("generate", [*gen, "--threads", "-1"], "--threads"),
+        ("generate", [*gen, "--threads", "1000"], "--threads: 1000 threads is more than the"),
         ("generate", [*gen, "--backend", "cuda"], "--backend"),
         ("generate", [*gen, "--provider", "NoSuchExecutionProvider"], "NoSuchExecutionProvider is not available in this onnxruntime"),
     ]
@@ -349,3 +351,13 @@ def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
         os.umask(previous)
     assert (tmp_path / "image.png").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.png").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_python_api_refuses_more_threads_than_cpus():
+    """The same check for OnnxOptions as for --threads: every CPU the process may use is accepted, one more is not."""
+    from meissonic.runtimes.limits import RuntimeInputError, usable_cpus
+    from meissonic.runtimes.onnx_backend import OnnxOptions
+
+    assert OnnxOptions(intra_op_threads=usable_cpus()).intra_op_threads == usable_cpus()
+    with pytest.raises(RuntimeInputError, match=f"{usable_cpus() + 1} threads is more than the {usable_cpus()} CPUs"):
+        OnnxOptions(intra_op_threads=usable_cpus() + 1)
