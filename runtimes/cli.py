@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG, numbered when several (default: out.png)")
     parser.add_argument("--backend", choices=["onnx", "ort", "phone", "coreml"], default="onnx", help="onnx: onnxruntime; ort: onnxruntime on the ORT-format models apps load; phone: on the fixed-shape phone graphs (both from export --targets ort); coreml: Core ML (macOS) or the numpy MIL evaluator elsewhere (default: onnx)")
     parser.add_argument("--variant", default=None, help="precision variant in the bundle: fp32, fp16, int8, int4, ... (default: the bundle's base)")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, 0: one per core (default: 0)")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, at most the CPUs this process may use; 0: one per core (default: 0)")
     parser.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider (default: CPUExecutionProvider)")
     parser.add_argument("--optimization", choices=["disable", "basic", "extended", "all"], default="all", help="onnxruntime graph optimization level (default: all)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
