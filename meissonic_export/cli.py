@@ -199,6 +199,10 @@ def _print_summary(manifest: dict, out: Path) -> None:
             too_large = "  over the Neural Engine's ~1 GB: use more --chunks" if part["bytes"] > NEURAL_ENGINE_BYTES else ""
             print(f"{'  ' + Path(part['path']).name:<41}{part['bytes'] / 1e6:>9.1f}{too_large}")
     quality = manifest.get("quality", {})
+    for report, figures_by_target in (("whole sampling run", quality), ("prompt-accuracy gate", manifest.get("evaluation", {}))):
+        for target, figures in figures_by_target.items():
+            if isinstance(figures, dict) and "skipped" in figures:  # the variants above were judged by their graphs' gates only
+                print(f"\n{target}: no {report}: it {figures['skipped']}")
     for target, figures in quality.items():
         if not isinstance(figures, dict) or "against" not in figures:
             continue

@@ -11,7 +11,7 @@ import numpy as np
 from meissonic.runtimes.bundle import Manifest
 from meissonic.runtimes.coreml_backend import CoreMLBackend
 from meissonic.runtimes.onnx_backend import OnnxBackend
-from meissonic.runtimes.sampler import Request, Sampler
+from meissonic.runtimes.sampler import TEXT_TO_IMAGE_GRAPHS, Request, Sampler
 from meissonic.runtimes.tokenizer import CLIPTokenizer
 
 from .metrics import psnr_db
@@ -23,7 +23,6 @@ SEED = 0
 def sampling_quality(root, manifest: dict, steps: int) -> dict:
     """Per target: each variant's whole sampling run against the target's base precision."""
     view = Manifest.from_json(root, manifest)
-    needed = {"text_encoder", "denoise_step", "vq_decoder"}
     if steps < 1:
         return {"skipped": "--quality-steps 0"}
     width, height = min(view.resolutions, key=lambda r: r[0] * r[1])
@@ -37,8 +36,8 @@ def sampling_quality(root, manifest: dict, steps: int) -> dict:
     for target in manifest["base_variants"]:
         if target in ("ort", "phone"):  # the ONNX graphs in another file format or fixed shapes, each validated like them: the onnx row stands for them
             continue
-        if not needed <= {g.name for g in view.graphs if g.target == target}:
-            report[target] = {"skipped": f"needs the graphs {sorted(needed)}"}
+        if not set(TEXT_TO_IMAGE_GRAPHS) <= {g.name for g in view.graphs if g.target == target}:
+            report[target] = {"skipped": f"needs the graphs {list(TEXT_TO_IMAGE_GRAPHS)}"}
             continue
         backend = OnnxBackend if target == "onnx" else CoreMLBackend
         run = lambda variant: Sampler(backend(view, variant, verify=False), tokenizer, view.model)(request, progress=False)  # noqa: B023

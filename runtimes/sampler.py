@@ -27,6 +27,9 @@ Graph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 LOG_FLOAT32_MAX = np.log(np.finfo(np.float32).max, dtype=np.float32)  # confidence of tokens that are given
 
 
+TEXT_TO_IMAGE_GRAPHS = ("text_encoder", "denoise_step", "vq_decoder")  # what a generation without an input image runs
+
+
 class Backend:
     """Where the graphs run. A backend loads each graph on first use and keeps it until released;
     subclasses say how to load one (`_load`) and name themselves (`name`, shown to the user)."""

@@ -107,6 +107,19 @@ def shapes_bundle(tmp_path_factory, shapes_checkpoint):
     return out
 
 
+def test_a_partial_export_of_the_trained_model_says_why_it_was_not_judged_by_what_it_draws(shapes_checkpoint, tmp_path):
+    """The text encoder alone, quantized: its own gates run, and the whole-run and prompt-accuracy reports,
+    which need a generation, say what they lacked (the accuracy gate used to end in a traceback)."""
+    from meissonic.runtimes.sampler import TEXT_TO_IMAGE_GRAPHS
+    from meissonic_export.export import export_bundle
+    from meissonic_export.options import ExportOptions
+
+    manifest = export_bundle(shapes_checkpoint, tmp_path / "b", ExportOptions(graphs=("text_encoder",), quantize=("int8",), jobs=1, progress=False))
+    assert {(g["name"], g["variant"]) for g in manifest["graphs"]} == {("text_encoder", "fp32"), ("text_encoder", "int8")}
+    skipped = {"skipped": f"needs the graphs {list(TEXT_TO_IMAGE_GRAPHS)}"}
+    assert manifest["quality"]["onnx"] == skipped and manifest["evaluation"]["onnx"] == skipped
+
+
 def test_bundle_carries_the_model_card_settings(shapes_bundle):
     from meissonic.runtimes.pipeline import MeissonicRuntime
 
