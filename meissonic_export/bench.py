@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from meissonic.reference.scheduler import categorical_by_inverse_cdf
 from meissonic.runtimes.bundle import ModelFacts
+from meissonic.runtimes.cli_common import write_report_folder
 from meissonic.runtimes.onnx_backend import OnnxGraph, OnnxOptions
 
 from .graphs import GRAPHS, draw, model_facts, transformer_facts
@@ -382,13 +383,17 @@ def _cell(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def plots(results: Results, out: Path) -> list[Path]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [out / "latency_vs_grid.png", out / "size_vs_quality.png"]
+    return matplotlib, plt
+
+
+def plot_latency(results: Results, path: Path) -> None:
+    matplotlib, plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     grids = sorted(results.step)
     reference = [np.median([r.reference_ms for r in results.step[g].values()]) for g in grids]
@@ -404,9 +409,12 @@ def plots(results: Results, out: Path) -> list[Path]:
     ax.set_title("Step latency against the token grid")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(paths[0], dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # the format by name: the temporary file's suffix is not .png
     plt.close(fig)
 
+
+def plot_size_vs_quality(results: Results, path: Path) -> None:
+    _, plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, sqnr in results.quality.items():
         size = results.sizes_mb.get(variant, {}).get("denoise_step")
@@ -418,14 +426,19 @@ def plots(results: Results, out: Path) -> list[Path]:
     ax.set_ylabel("logit SQNR vs float32 reference (dB)")
     ax.set_title("Size against quality per variant")
     fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
-    return paths
+
+
+REPORT_FILES = ("bench.json", "bench.md", "latency_vs_grid.png", "size_vs_quality.png")
 
 
 def write(results: Results, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     finite = lambda o: {k: finite(v) for k, v in o.items()} if isinstance(o, dict) else ("inf" if o == math.inf else o)
-    (out / "bench.json").write_text(json.dumps(finite(asdict(results)), indent=2, default=str) + "\n")
-    (out / "bench.md").write_text(markdown(results) + "\n")
-    return [out / "bench.json", out / "bench.md", *plots(results, out)]
+    writers = (
+        lambda p: p.write_text(json.dumps(finite(asdict(results)), indent=2, default=str) + "\n"),
+        lambda p: p.write_text(markdown(results) + "\n"),
+        lambda p: plot_latency(results, p),
+        lambda p: plot_size_vs_quality(results, p),
+    )
+    return write_report_folder(Path(out), dict(zip(REPORT_FILES, writers, strict=True)))

@@ -15,6 +15,7 @@ from meissonic.runtimes.cli_common import (
     HelpFormatter,
     UsageError,
     check_output_file,
+    check_report_folder,
     finite_float,
     names,
     numbered_paths,
@@ -218,7 +219,9 @@ def _sensitivity(args) -> None:
     and top-1 agreement against float32: a table, JSON and a PNG plot. Use it to write a mixed recipe:
     groups with low SQNR at int4 belong in a rule with 8 bits."""
     from meissonic.reference.checkpoint import load_component
-    from meissonic_export.sensitivity import analyse, format_table, write_report
+    from meissonic_export.sensitivity import REPORT_FILES, analyse, format_table, write_report
+
+    check_report_folder("--out", args.out, list(REPORT_FILES))
 
     bits = tuple(int(b) for b in names(args.bits))
     if not bits or set(bits) - {4, 8}:
@@ -241,7 +244,9 @@ def _bench(args) -> None:
     for option, value, low, high in (("--repeats", args.repeats, 1, 1000), ("--warmup", args.warmup, 0, 100), ("--grid", args.grid, 1, 128), ("--steps", args.steps, 1, 1000)):
         check_int(option, value, low, high)
     check_threads("--threads", args.threads, 1)  # more threads than CPUs would time the time-slicing
-    from .bench import BenchOptions, markdown, run_bench, write
+    from .bench import REPORT_FILES, BenchOptions, markdown, run_bench, write
+
+    check_report_folder("--out", args.out, list(REPORT_FILES))
 
     options = BenchOptions(
         preset=args.preset, checkpoint=args.checkpoint, bundle=args.bundle, variants=names(args.variants), grid=args.grid,

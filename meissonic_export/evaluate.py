@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from meissonic.reference import shapes
 from meissonic.runtimes.bundle import read_manifest
-from meissonic.runtimes.cli_common import write_atomically
+from meissonic.runtimes.cli_common import write_report_folder
 from meissonic.runtimes.images import pixels_to_pil
 
-from .options import EvaluateOptions, ExportError
+from .options import EVALUATION_FILES, EvaluateOptions, ExportError
 
 GRID_PROMPTS = 8  # rows of the PNG grid: the first in-grammar and held-out pairs
 MAX_ACCURACY_LOSS_POINTS = 3.0  # a quantized variant may lose at most this much prompt accuracy against its base
@@ -197,14 +197,13 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def write_report(report: dict, out: Path) -> list[Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
-    paths = [out / "evaluation.json", out / "evaluation.md", out / "evaluation_grid.png"]
-    write_atomically(paths[0], lambda p: p.write_text(json.dumps(public, indent=2) + "\n"))
-    write_atomically(paths[1], lambda p: p.write_text(format_table(report) + "\n"))
-    write_atomically(paths[2], lambda p: grid_png(report).save(p, format="PNG"))
-    return paths
+    writers = (
+        lambda p: p.write_text(json.dumps(public, indent=2) + "\n"),
+        lambda p: p.write_text(format_table(report) + "\n"),
+        lambda p: grid_png(report).save(p, format="PNG"),
+    )
+    return write_report_folder(Path(out), dict(zip(EVALUATION_FILES, writers, strict=True)))
 
 
 def accuracy_gate(report: dict, base_row: str) -> dict[str, str]:

@@ -186,13 +186,17 @@ class EvaluateOptions:
     reference: bool = True  # also run the PyTorch reference on the source checkpoint
 
 
+EVALUATION_FILES = ("evaluation.json", "evaluation.md", "evaluation_grid.png")  # what `evaluate` writes into --out
+
+
 def check_evaluate_options(bundle: Path, options: EvaluateOptions) -> None:
+    from meissonic.runtimes.cli_common import check_report_folder
     from meissonic.runtimes.limits import check_int
 
     check_int("--count", options.count, 1, 100_000)
     check_int("--held-out-seeds", options.held_out_seeds, 0, 1000)
-    if options.out is not None and options.out.exists() and not options.out.is_dir():
-        raise ExportError(f"--out: {options.out} exists and is not a folder")
+    if options.out is not None:
+        check_report_folder("--out", options.out, list(EVALUATION_FILES))
     if not (Path(bundle) / MANIFEST).is_file():
         raise ExportError(f"{bundle}: not a bundle (no {MANIFEST})")
     evaluation = read_manifest(bundle).model.defaults.evaluation

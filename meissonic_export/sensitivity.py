@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from meissonic.quantize.metrics import sqnr_db
 from meissonic.quantize.recipe import QuantLayer, quantizable_layers
+from meissonic.runtimes.cli_common import write_report_folder
 
 from .graphs import GRAPHS, transformer_facts
 
@@ -111,17 +112,25 @@ def analyse(transformer, bits: tuple[int, ...] = (4, 8), block_size: int | None 
     return results
 
 
+REPORT_FILES = ("sensitivity.json", "sensitivity.md", "sensitivity.png")
+
+
 def write_report(results: list[GroupResult], out: Path, title: str) -> list[Path]:
     """sensitivity.json, sensitivity.md (the table) and sensitivity.png (bars per group and bits)."""
+    writers = (
+        lambda p: p.write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n"),
+        lambda p: p.write_text(format_table(results, title) + "\n"),
+        lambda p: _plot(results, title, p),
+    )
+    return write_report_folder(Path(out), dict(zip(REPORT_FILES, writers, strict=True)))
+
+
+def _plot(results: list[GroupResult], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "sensitivity.json", out / "sensitivity.md", out / "sensitivity.png"]
-    paths[0].write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
-    paths[1].write_text(format_table(results, title) + "\n")
     groups = list(dict.fromkeys(r.group for r in results))
     bits = sorted({r.bits for r in results})
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(groups) + 1.5))
@@ -135,9 +144,8 @@ def write_report(results: list[GroupResult], out: Path, title: str) -> list[Path
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # the format by name: the temporary file's suffix is not .png
     plt.close(fig)
-    return paths
 
 
 def format_table(results: list[GroupResult], title: str) -> str:

@@ -139,6 +139,38 @@ def write_atomically(path: Path, write) -> None:
             os.unlink(temporary)
 
 
+REPORTS_MARKER = ".meissonic-export-reports"  # in a report folder: the names of the files this tool wrote there, one a line
+
+
+def _reports_written_here(folder: Path) -> set[str]:
+    marker = folder / REPORTS_MARKER
+    return set(marker.read_text().split("\n")) - {""} if marker.is_file() else set()
+
+
+def check_report_folder(option: str, folder: Path, names: list[str]) -> None:
+    """Refuse, before any work, a report folder (evaluate, sensitivity, bench) that is a file, cannot be
+    written, or holds a file of one of `names` that this tool did not write there: a user's own
+    bench.json is never replaced; a report this tool wrote is."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option}: {folder} exists and is not a folder")
+    check_output_parent(option, folder / names[0])
+    ours = _reports_written_here(folder)
+    for name in names:
+        if (folder / name).exists() and name not in ours:
+            raise UsageError(f"{option}: {folder / name} exists and was not written by this tool; give another folder or move it away")
+
+
+def write_report_folder(folder: Path, files: dict) -> list[Path]:
+    """Write each `name -> write(temporary_path)` of `files` into `folder` atomically; the folder's marker
+    lists them first, so an interrupted run leaves nothing that a later run would refuse to replace."""
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = sorted(_reports_written_here(folder) | set(files))
+    write_atomically(folder / REPORTS_MARKER, lambda temporary: temporary.write_text("\n".join(listed) + "\n"))
+    for name, write in files.items():
+        write_atomically(folder / name, write)
+    return [folder / name for name in files]
+
+
 def png_mark():
     from PIL.PngImagePlugin import PngInfo
 

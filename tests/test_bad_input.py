@@ -35,6 +35,8 @@ def workspace(tmp_path, golden_checkpoint, tiny_bundle):
     image, a checkpoint copy, and a non-bundle folder."""
     (tmp_path / "mydocs").mkdir()
     (tmp_path / "mydocs" / "thesis.txt").write_text("years of work")
+    for name in ("evaluation.json", "sensitivity.md", "bench.json"):  # a user's own files of the names the reports have
+        (tmp_path / "mydocs" / name).write_text("mine")
     (tmp_path / "file.txt").write_text("not a folder")
     (tmp_path / "empty.txt").write_text("\n\n")
     Image.new("RGB", (128, 128), (200, 30, 30)).save(tmp_path / "red.png")
@@ -107,6 +109,9 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("export", ["evaluate", bundle, "--held-out-seeds", "-1"], "--held-out-seeds"),
         ("export", ["evaluate", bundle, "--backend", "tpu"], "--backend"),
         ("export", ["evaluate", bundle, "--out", "file.txt"], "is not a folder"),
+        ("export", ["evaluate", bundle, "--out", "mydocs"], "evaluation.json exists and was not written by this tool"),
+        ("export", ["sensitivity", golden, "--out", "mydocs"], "sensitivity.md exists and was not written by this tool"),
+        ("export", ["bench", "--out", "mydocs"], "bench.json exists and was not written by this tool"),
         # port-kit
         ("export", ["port-kit", "missing"], "missing: bundle folder not found"),
         ("export", ["port-kit", "GOLDEN", "--out", "k"], "manifest.json: missing"),

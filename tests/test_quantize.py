@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from meissonic.quantize.onnx_quant import Layer, dequantized_weights, quantize_graph
 from meissonic.quantize.recipe import Recipe
+from meissonic.runtimes.cli_common import check_report_folder
 from meissonic.runtimes.onnx_backend import OnnxGraph
 from meissonic.runtimes.pipeline import MeissonicRuntime
 from meissonic_export.graphs import GRAPHS
@@ -210,3 +211,5 @@ def test_sensitivity_ranks_groups_and_writes_a_report(golden_components, tmp_pat
     paths = write_report(results, tmp_path, "tiny")
     assert [p.name for p in paths] == ["sensitivity.json", "sensitivity.md", "sensitivity.png"]
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_report_folder("--out", tmp_path, [p.name for p in paths])  # its own reports may be replaced (a user's may not: test_bad_input)
+    assert write_report(results, tmp_path, "tiny") == paths
