@@ -29,14 +29,13 @@ from tqdm.auto import tqdm
 from meissonic.quantize.graph_files import onnx_files
 from meissonic.quantize.onnx_quant import dequantized_weights, quantize_graph
 from meissonic.quantize.recipe import Recipe, RecipeError, quantizable_layers
-from meissonic.quantize.report import sampling_quality
+from meissonic.quantize.report import sampling_quality, skipped_without_generation
 from meissonic.quantize.variants import VARIANTS
 from meissonic.reference.checkpoint import COMPONENTS, load_component, read_config
 from meissonic.reference.pipeline import load_scheduler, load_tokenizer
 from meissonic.runtimes.bundle import FORMAT_VERSION, MANIFEST, GraphEntry, ModelFacts, sha256_file
 from meissonic.runtimes.coreml_backend import CoreMLGraph
 from meissonic.runtimes.onnx_backend import PHONE_POOLING_INPUT, PHONE_STEP_OUTPUT, OnnxGraph, PhoneGraph
-from meissonic.runtimes.sampler import TEXT_TO_IMAGE_GRAPHS
 
 from .evaluate import MAX_ACCURACY_LOSS_POINTS, accuracy_gate, evaluate_bundle
 from .graphs import GRAPHS, TEXT_POSITIONS, GraphSpec, model_facts
@@ -212,9 +211,9 @@ def _accuracy_gate(staging: Path, manifest: dict, options: ExportOptions) -> dic
     # on a 48-pair subset the Core ML int8 variant of `shapes` gained 2.1 points while 124 pairs measured a 5.0-point loss.
     report = {"pairs": EvaluateOptions.count, "max_loss_points": MAX_ACCURACY_LOSS_POINTS}
     for target in manifest["base_variants"]:
-        exported = {e["name"] for e in manifest["graphs"] if e["target"] == target}
-        if not set(TEXT_TO_IMAGE_GRAPHS) <= exported:  # a part of a bundle draws nothing; its graphs' own gates still ran
-            report[target] = {"skipped": f"needs the graphs {list(TEXT_TO_IMAGE_GRAPHS)}"}
+        skipped = skipped_without_generation(manifest, target)
+        if skipped:
+            report[target] = skipped
             continue
         # Core ML rows run on Core ML on macOS, elsewhere through the numpy evaluator (~2.7 s an image for
         # `shapes` here, so 200 pairs per variant take about 9 minutes): unmeasured, a Core ML variant would pass unjudged.
