@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--count", type=int, default=200, help="in-grammar prompt-seed pairs (default: 200)")
     ev.add_argument("--held-out-seeds", type=int, default=2, help="seeds per held-out combination (default: 2, i.e. 48 pairs)")
     ev.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference row")
-    ev.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for evaluation.json and evaluation_grid.png (default: evaluation)")
+    ev.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for evaluation.json, evaluation.md and evaluation_grid.png; files of those names this tool did not write are refused (default: evaluation)")
 
     kit = add("port-kit", run=_port_kit, help="write test vectors for a Swift, Kotlin or JavaScript port of the runtime")
     kit.add_argument("bundle", type=Path, help="bundle whose generation is recorded (its base ONNX variant, the model's own settings)")
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the largest of 128, 64, 32 that divides every layer)")
     sens.add_argument("--granularity", choices=["group", "block"], default="group", help="layer groups by role, or one transformer block at a time")
     sens.add_argument("--grid", type=int, default=16, help="token grid of the fixed inputs (default: 16, i.e. 256 px)")
-    sens.add_argument("--out", type=Path, default=Path("sensitivity"), help="folder for sensitivity.{json,md,png}")
+    sens.add_argument("--out", type=Path, default=Path("sensitivity"), help="folder for sensitivity.{json,md,png}; files of those names this tool did not write are refused (default: sensitivity)")
     bench = add("bench", run=_bench, help="latency, memory and size of every variant against the PyTorch reference")
     bench.add_argument("--preset", choices=PRESET_NAMES, default="small", help="model to benchmark when no --checkpoint is given (default: small)")
     bench.add_argument("--checkpoint", type=Path, default=None, help="benchmark this checkpoint instead of a preset")
@@ -350,10 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=8, help="denoising steps of the whole-image timing (default: 8)")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved pairs (PyTorch run, variant run) per measurement; each pair gives one ratio (default: 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
-    bench.add_argument("--threads", type=int, default=2, help="threads for PyTorch and onnxruntime (default: 2)")
+    bench.add_argument("--threads", type=int, default=2, help="threads for PyTorch and onnxruntime, at most the CPUs this process may use (default: 2)")
     bench.add_argument("--block-size", type=int, choices=[32, 64, 128], default=None, help="int4 block size (default: the recipe's)")
     bench.add_argument("--no-1b", action="store_true", help="skip the one-step measurement of the 1B configuration (its export and two quantizations)")
-    bench.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json, bench.md and plots")
+    bench.add_argument("--out", type=Path, default=Path("bench"), help="folder for bench.json, bench.md and the PNG plots; files of those names this tool did not write are refused (default: bench)")
     return parser
 
 
