@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def _plot(results: list[GroupResult], title: str, path: Path) -> None:
     ax.set_yticks(np.arange(len(groups)) + height * (len(bits) - 1) / 2, groups)
     ax.invert_yaxis()
     ax.set_xlabel("logit SQNR vs float32 (dB, higher is better) with only this group quantized")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 72))  # the title names the checkpoint and settings: wider than the figure
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")  # the format by name: the temporary file's suffix is not .png
