@@ -130,10 +130,17 @@ def write_atomically(path: Path, write) -> None:
     name) sees the old file or the whole new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _new_sibling(path)
+    try:
+        temporary = _new_sibling(path)
+    except OSError as error:  # a folder that takes no new files (/proc, a full disk): name the user's file
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
     try:
         write(Path(temporary))
         os.replace(temporary, path)
+    except OSError as error:
+        if error.filename not in (str(temporary), temporary):
+            raise
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

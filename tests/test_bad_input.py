@@ -7,6 +7,7 @@ Ctrl-C exits 130 cleanly.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import signal
@@ -332,10 +333,12 @@ def test_atomic_writes_leave_old_or_new_never_half(tmp_path):
 
     def failing(path: Path) -> None:
         path.write_bytes(b"half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as error:
         write_atomically(target, failing)
+    # the message names the user's file, not the hidden temporary it was being written to
+    assert str(target) in str(error.value) and ".tmp" not in str(error.value), error.value
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
     write_atomically(target, lambda path: path.write_bytes(b"new"))
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
