@@ -293,3 +293,10 @@ def test_symbolic_sizes_are_parsed_once_and_read_alike(text, resolved, size):
     folded = dim.resolve({"J": 1024, "F": 16})
     assert (folded if isinstance(folded, int) else str(folded)) == resolved
     assert (folded if isinstance(folded, int) else SymbolicDim.parse(str(folded)).value({"batch": 2, "height": 8, "width": 6})) == size
+
+
+def test_parallel_exports_know_every_graph_cost_rank():
+    """The workers take graphs longest first (export.LONGEST_FIRST); a graph missing there would stop every parallel export."""
+    from meissonic_export.export import LONGEST_FIRST
+
+    assert sorted(LONGEST_FIRST) == sorted(GRAPHS)
