@@ -287,7 +287,8 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelFacts, cases, staging
     """Export the float32 graph once, then derive, validate and describe every variant of it."""
     bar.set_postfix_str("exporting")
     fp32_dir = staging / "onnx" / "fp32" / spec.name
-    fp32_path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0)), fp32_dir, spec.shapes(info))
+    grid = _one_grid(spec, info, options.resolutions)
+    fp32_path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0), grid), fp32_dir, spec.shapes(info, grid))
     entries = []
     # The VQ graphs (convolutions) are kept at the base precision; the runtime falls back to it.
     variants = options.variants if spec.quantizable else [options.dtype]
@@ -312,7 +313,7 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelFacts, cases, staging
             "path": _relative(path, staging), "files": [_relative(f, staging) for f in files],
             "bytes": sum(f.stat().st_size for f in files), "opset": OPSET,
             "precision": {"weights": {"fp32": "float32", "fp16": "float16"}.get(variant, variant), "inputs_outputs": "as declared"},
-            "description": spec.description, **spec.interface(info),
+            "description": spec.description, **spec.interface(info, grid=grid),
             "parity": parity, "budget": BUDGETS[variant].to_dict(),
             **({"quantization": quantization} if quantization else {}),
         })  # fmt: skip
@@ -323,6 +324,18 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelFacts, cases, staging
         if not any(fp32_dir.parent.iterdir()):
             fp32_dir.parent.rmdir()
     return entries
+
+
+def _one_grid(spec: GraphSpec, info: ModelFacts, resolutions) -> dict[str, int] | None:
+    """The token grid an export for one resolution fixes in its ONNX graphs (the batch stays dynamic);
+    None where the graph has no grid or the export has several resolutions, which one graph then serves.
+    torch.export reasons about a dynamic grid symbolically; one fixed grid takes a third or more off: for
+    `shapes`, the step's export took 18.6 s against 28.2 and the decoder's 12.9 against 22.0
+    (2026-11-27), at the same step time in onnxruntime (24.6 and 24.2 ms)."""
+    if "height" not in spec.dims or len(resolutions) != 1:
+        return None
+    (width, height), f = resolutions[0], info.vae_scale_factor
+    return {"height": height // f, "width": width // f}
 
 
 def _ort_entries(spec: GraphSpec, module, info: ModelFacts, onnx_entry: dict, cases, staging: Path, options: ExportOptions, bar) -> list[dict]:

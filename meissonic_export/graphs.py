@@ -127,12 +127,15 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def shapes(self, info: ModelFacts) -> dict[str, tuple]:
-        return {t.name: resolve_shape(t.shape, info.constants()) for t in (*self.inputs, *self.outputs)}
+    def shapes(self, info: ModelFacts, grid: dict[str, int] | None = None) -> dict[str, tuple]:
+        """Each tensor's shape with the checkpoint's constants filled in, and the token grid too where a
+        graph is exported for one grid (`grid`: {"height": h, "width": w})."""
+        constants = {**info.constants(), **(grid or {})}
+        return {t.name: resolve_shape(t.shape, constants) for t in (*self.inputs, *self.outputs)}
 
-    def interface(self, info: ModelFacts, dtype_map: dict[str, str] | None = None) -> dict:
+    def interface(self, info: ModelFacts, dtype_map: dict[str, str] | None = None, grid: dict[str, int] | None = None) -> dict:
         """The JSON description written into the manifest (`dtype_map`: a target's own dtypes, e.g. int32)."""
-        dtype_map, shapes = dtype_map or {}, self.shapes(info)
+        dtype_map, shapes = dtype_map or {}, self.shapes(info, grid)
         describe = lambda t: {"name": t.name, "dtype": dtype_map.get(t.dtype, t.dtype), "shape": list(shapes[t.name]), "doc": t.doc}
         return {"inputs": [describe(t) for t in self.inputs], "outputs": [describe(t) for t in self.outputs]}
 

@@ -54,17 +54,19 @@ def _dynamic_shapes(spec: GraphSpec, shapes: dict[str, tuple]) -> dict:
     return dynamic
 
 
-def trace_inputs(spec: GraphSpec, info, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def trace_inputs(spec: GraphSpec, info, rng: np.random.Generator, grid: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Example inputs for tracing, with sizes chosen so that no two symbolic dims coincide
-    (torch.export would otherwise unify them: batch 3 -> 6 rows, grid 10 x 14 -> 5 x 7 halves)."""
-    return spec.sample(info, {"batch": 3, "height": 10, "width": 14}, rng)
+    (torch.export would otherwise unify them: batch 3 -> 6 rows, grid 10 x 14 -> 5 x 7 halves);
+    at `grid` where the graph is exported for that grid alone."""
+    return spec.sample(info, {"batch": 3, **(grid or {"height": 10, "width": 14})}, rng)
 
 
 def export_onnx(spec: GraphSpec, module: torch.nn.Module, example: dict[str, np.ndarray], out_dir: Path, shapes: dict) -> Path:
     """Export `module` (the spec's torch implementation) to `out_dir/model.onnx`; returns the path.
 
-    `shapes` (from `spec.shapes(info)`) gives each input and output its shape with the checkpoint's
-    constants filled in; the symbolic names become the ONNX dim names, so the graph documents itself.
+    `shapes` (from `spec.shapes(info, grid)`) gives each input and output its shape with the checkpoint's
+    constants filled in; the symbolic names become the ONNX dim names, so the graph documents itself, and
+    the sizes given as numbers are fixed in the graph.
     """
     args = tuple(torch.from_numpy(example[name]) for name in spec.input_names())
     with quiet() as log:

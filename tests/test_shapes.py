@@ -131,6 +131,27 @@ def test_bundle_carries_the_model_card_settings(shapes_bundle):
     assert runtime.default_size == tuple(SHAPES_GENERATION["resolution"])
 
 
+def test_a_bundle_for_one_resolution_fixes_the_grid_and_keeps_the_batch(shapes_bundle, shapes_checkpoint):
+    """Exported for its 256 px alone, the ONNX graphs fix the 16 x 16 token grid (torch.export traces them
+    in about 2/3 of the time) and keep the batch dynamic: three token grids, a batch no validation input
+    had, decode as the reference decodes them (float32 image bound of test_onnx_export)."""
+    import onnx
+
+    from meissonic.reference.checkpoint import COMPONENTS, load_component
+    from meissonic.runtimes.onnx_backend import OnnxGraph
+    from meissonic_export.graphs import GRAPHS, model_facts
+    from meissonic_export.validate import reference_outputs
+
+    dims = lambda path, index: [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[index].type.tensor_type.shape.dim]
+    step, decoder = (shapes_bundle / "onnx" / "fp32" / name / "model.onnx" for name in ("denoise_step", "vq_decoder"))
+    assert dims(step, 0) == ["batch", 16, 16] and dims(step, 1) == ["2*batch", 77, 64]
+    components = {name: load_component(shapes_checkpoint, name) for name in COMPONENTS}
+    spec = GRAPHS["vq_decoder"]
+    inputs = spec.sample(model_facts(components), {"batch": 3, "height": 16, "width": 16}, np.random.default_rng(11))
+    expected = reference_outputs(spec, spec.build(components), inputs)["image"]
+    np.testing.assert_allclose(OnnxGraph(decoder)(inputs)["image"], expected, atol=1e-4, rtol=0)
+
+
 def test_reference_command_draws_with_the_checkpoints_own_settings(shapes_checkpoint, tmp_path, monkeypatch):
     """`meissonic-export reference` takes what is not given from the checkpoint's generation_config.json,
     as meissonic-generate takes it from the bundle (at the official 1024 px and 48 steps it draws scattered spots);
