@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=finite_float, nargs=2, default=None, metavar=("START", "END"), help="Gumbel noise temperature, annealed linearly (default: the bundle's)")
     parser.add_argument("--image", type=Path, help="input image for image-to-image or inpainting")
     parser.add_argument("--strength", type=finite_float, default=1.0, help="with --image: how much to change, in (0, 1] (default: 1, regenerate fully)")
-    parser.add_argument("--mask", type=Path, help="with --image: white where to regenerate (inpainting/outpainting)")
+    parser.add_argument("--mask", type=Path, help="with --image: white where to regenerate (inpainting/outpainting), the same size as the image; a token cell (16x16 pixels) is regenerated where at least half of it is white, and a mask that selects no cell is refused")
     parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG, numbered when several (default: out.png)")
     parser.add_argument("--backend", choices=["onnx", "ort", "phone", "coreml"], default="onnx", help="onnx: onnxruntime; ort: onnxruntime on the ORT-format models apps load; phone: on the fixed-shape phone graphs (both from export --targets ort); coreml: Core ML (macOS) or the numpy MIL evaluator elsewhere (default: onnx)")
     parser.add_argument("--variant", default=None, help="precision variant in the bundle: fp32, fp16, int8, int4, ... (default: the bundle's base)")

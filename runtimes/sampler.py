@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .bundle import ModelFacts
-from .images import image_to_pixels, mask_to_grid, open_image, pixels_to_pil
+from .images import ImageInputError, image_to_pixels, mask_to_grid, open_image, pixels_to_pil
 
 Graph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 LOG_FLOAT32_MAX = np.log(np.finfo(np.float32).max, dtype=np.float32)  # confidence of tokens that are given
@@ -168,6 +168,14 @@ class Sampler:
         batch, positions = len(r.prompts) * r.num_images, grid_h * grid_w
         rng = np.random.Generator(np.random.PCG64(r.seed))
         draw = lambda: rng.random((batch, positions), dtype=np.float32)
+        grid_mask = None
+        if r.mask is not None:  # before any graph runs
+            grid_mask = mask_to_grid(r.mask, grid_h, grid_w, image_size=open_image(r.image).size).reshape(1, positions)
+            if not grid_mask.any():  # the run would return the input re-encoded: most often a mask drawn the other way round
+                raise ImageInputError(
+                    f"--mask: no token cell to regenerate: white marks what is regenerated, and at {r.width}x{r.height} "
+                    f"a cell ({f}x{f} pixels) is regenerated where at least half of it is white"
+                )
 
         # Conditioning rows: [negative x B, positive x B], images of one prompt tiled as the reference does.
         embeds, hidden = self.encode_prompts(r.prompts)
@@ -192,7 +200,6 @@ class Sampler:
             if r.mask is None:  # image-to-image: re-mask at random as the schedule has it at `start`
                 tokens = np.where(draw() < cosine_mask_ratio(start, r.steps), mask_id, tokens)
             else:  # inpainting / outpainting: regenerate exactly the masked tokens
-                grid_mask = mask_to_grid(r.mask, grid_h, grid_w, image_size=open_image(r.image).size).reshape(1, positions)
                 tokens = np.where(grid_mask, mask_id, tokens)
                 starting_ratio = np.float32(grid_mask.sum()) / np.float32(grid_mask.size)
 

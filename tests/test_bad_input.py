@@ -44,6 +44,9 @@ def workspace(tmp_path, golden_checkpoint, tiny_bundle):
     for name in ("red-0.png", "x.steps.png"):  # a user's own images where an output would go
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     Image.new("L", (64, 64), 255).save(tmp_path / "small-mask.png")
+    dot = Image.new("L", (128, 128), 0)
+    dot.paste(255, (60, 60, 63, 63))  # 3x3 white pixels: less than half of any token cell
+    dot.save(tmp_path / "dot-mask.png")
     recipes = {"null-layers.json": {"name": "x", "scheme": "int4", "layers": None}, "list.json": [1, 2]}
     for name, value in recipes.items():
         (tmp_path / name).write_text(json.dumps(value))
@@ -149,6 +152,7 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("generate", [*gen, "--image", "file.txt"], "unreadable image"),
         ("generate", [*gen, "--mask", "red.png"], "--mask: a mask needs an input image"),
         ("generate", [*gen, "--image", "red.png", "--mask", "small-mask.png"], "mask is 64x64 but the image is 128x128"),
+        ("generate", [*gen, "--image", "red.png", "--mask", "dot-mask.png"], "--mask: no token cell to regenerate"),
         ("generate", [*gen, "--out", "mydocs"], "--out: mydocs is a folder"),
         ("generate", [*gen, "--out", "file.txt/x.png"], "file.txt is a file"),
         ("generate", [*gen, "--out", "image.jpg"], "must end in .png"),
