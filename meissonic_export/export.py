@@ -287,7 +287,7 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelFacts, cases, staging
     """Export the float32 graph once, then derive, validate and describe every variant of it."""
     bar.set_postfix_str("exporting")
     fp32_dir = staging / "onnx" / "fp32" / spec.name
-    grid = _one_grid(spec, info, options.resolutions)
+    grid = _one_grid(spec, info, cases)
     fp32_path = export_onnx(spec, module, trace_inputs(spec, info, np.random.default_rng(0), grid), fp32_dir, spec.shapes(info, grid))
     entries = []
     # The VQ graphs (convolutions) are kept at the base precision; the runtime falls back to it.
@@ -326,15 +326,17 @@ def _export_onnx_graph(spec: GraphSpec, module, info: ModelFacts, cases, staging
     return entries
 
 
-def _one_grid(spec: GraphSpec, info: ModelFacts, resolutions) -> dict[str, int] | None:
-    """The token grid an export for one resolution fixes in its ONNX graphs (the batch stays dynamic);
-    None where the graph has no grid or the export has several resolutions, which one graph then serves.
-    torch.export reasons about a dynamic grid symbolically; one fixed grid takes a third or more off: for
-    `shapes`, the step's export took 18.6 s against 28.2 and the decoder's 12.9 against 22.0
-    (2026-11-27), at the same step time in onnxruntime (24.6 and 24.2 ms)."""
-    if "height" not in spec.dims or len(resolutions) != 1:
+def _one_grid(spec: GraphSpec, info: ModelFacts, cases: list[ValidationCase]) -> dict[str, int] | None:
+    """The token grid an export fixes in its ONNX graphs (the batch stays dynamic) where every validation
+    input has that one grid: an export for one resolution of at most 512 px a side. None for a graph
+    without a grid, for several resolutions (one graph serves them all) and above 512 px, where the
+    two-image case is validated at 512. torch.export reasons about a dynamic grid symbolically; one fixed
+    grid takes a third or more off: for `shapes`, the step's export took 18.6 s against 28.2 and the
+    decoder's 12.9 against 22.0 (2026-11-27), at the same step time in onnxruntime (24.6 and 24.2 ms)."""
+    sizes = {tuple(case.label["resolution"]) for case in cases if "resolution" in case.label}
+    if len(sizes) != 1:
         return None
-    (width, height), f = resolutions[0], info.vae_scale_factor
+    ((width, height),), f = sizes, info.vae_scale_factor
     return {"height": height // f, "width": width // f}
 
 
