@@ -104,7 +104,7 @@ def _reference(args) -> None:
 
 
 def _export_options(args) -> ExportOptions:
-    resolutions = None if args.resolution is None else tuple(parse_size("--resolution", item) for item in names(args.resolution))
+    resolutions = None if args.resolution is None else tuple(dict.fromkeys(parse_size("--resolution", item) for item in names(args.resolution)))
     check_int("--seed", args.seed, 0, 2**32 - 1)
     return ExportOptions(
         targets=names(args.targets), resolutions=resolutions, dtype=args.dtype, graphs=names(args.graphs), seed=args.seed,

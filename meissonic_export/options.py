@@ -141,12 +141,14 @@ def check_options(checkpoint: Path, out: Path, options: ExportOptions) -> None:
     if options.resolutions is not None:
         if not options.resolutions:
             raise ExportError("--resolution: no resolution given")
+        _check_once("--resolution", options.resolutions)
         for width, height in options.resolutions:
             if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
                 raise ExportError(f"--resolution: {width}x{height} is outside 1..{MAX_SIDE} pixels a side")
     unknown = [q for q in options.quantize if q not in QUANTIZE]
     if unknown:
         raise ExportError(f"--quantize: unknown scheme(s) {unknown}; choose from {list(QUANTIZE)}")
+    _check_once("--quantize", options.quantize)
     palettes = [q for q in options.quantize if q.startswith("palette")]
     if palettes and "coreml" not in options.targets:
         raise ExportError(f"--quantize: {palettes} are Core ML variants; add --targets coreml")
@@ -166,6 +168,16 @@ def _check_names(option: str, what: str, given, known) -> None:
     unknown = [name for name in given if name not in known]
     if unknown:
         raise ExportError(f"{option}: unknown {what}(s) {unknown}; choose from {list(known)}")
+    _check_once(option, given)
+
+
+def _check_once(option: str, given) -> None:
+    """The CLI drops repeats (`names`); the Python API refuses them: a graph listed twice was exported
+    twice into the same folder, with two manifest entries for one file."""
+    shown = lambda item: "x".join(map(str, item)) if isinstance(item, tuple) else str(item)  # a resolution: 256x256
+    repeated = sorted({shown(item) for item in given if list(given).count(item) > 1})
+    if repeated:
+        raise ExportError(f"{option}: {', '.join(repeated)} given more than once")
 
 
 def check_resolutions(resolutions, scale_factor: int) -> None:

@@ -68,7 +68,8 @@ def parse_size(option: str, text: str) -> tuple[int, int]:
 
 
 def names(text: str) -> tuple[str, ...]:
-    return tuple(filter(None, (part.strip() for part in text.split(","))))
+    """'a, b,,a' -> ('a', 'b'): a comma-separated list, empty parts and repeats dropped."""
+    return tuple(dict.fromkeys(filter(None, (part.strip() for part in text.split(",")))))
 
 
 def numbered_paths(out: Path, count: int) -> list[Path]:

@@ -300,3 +300,23 @@ def test_parallel_exports_know_every_graph_cost_rank():
     from meissonic_export.export import LONGEST_FIRST
 
     assert sorted(LONGEST_FIRST) == sorted(GRAPHS)
+
+
+def test_repeats_are_dropped_by_the_cli_and_refused_by_the_api(golden_checkpoint, tmp_path):
+    """`--graphs denoise_step,denoise_step` exported the step twice into one folder, with two manifest entries
+    for one file, and `--resolution 256,256x256` validated one size twice: the CLI drops repeats, the
+    Python API refuses them before any work."""
+    from meissonic_export.cli import _export_options, build_parser
+    from meissonic_export.options import check_options
+
+    argv = ["export", str(golden_checkpoint), "--out", "b", "--graphs", "denoise_step, denoise_step,,vq_decoder", "--resolution", "256,256x256,128"]
+    options = _export_options(build_parser().parse_args(argv))
+    assert options.graphs == ("denoise_step", "vq_decoder") and options.resolutions == ((256, 256), (128, 128))
+    for options, message in (
+        (ExportOptions(graphs=("text_encoder", "text_encoder")), "--graphs: text_encoder given more than once"),
+        (ExportOptions(resolutions=((256, 256), (128, 128), (256, 256))), "--resolution: 256x256 given more than once"),
+        (ExportOptions(quantize=("int8", "int8")), "--quantize: int8 given more than once"),
+    ):
+        with pytest.raises(ExportError, match=message):
+            check_options(golden_checkpoint, tmp_path / "b", options)
+    assert not (tmp_path / "b").exists()
