@@ -131,19 +131,18 @@ def write_atomically(path: Path, write) -> None:
     name) sees the old file or the whole new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = None
     try:
         temporary = _new_sibling(path)
-    except OSError as error:  # a folder that takes no new files (/proc, a full disk): name the user's file
-        raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
-    try:
         write(Path(temporary))
         os.replace(temporary, path)
     except OSError as error:
-        if error.filename not in (str(temporary), temporary):
+        if temporary is not None and error.filename not in (str(temporary), temporary):
             raise
+        # creating or writing the hidden temporary failed (/proc, a full disk): name the user's file instead
         raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
     finally:
-        if os.path.exists(temporary):
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
 
 
