@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .cli_common import (
@@ -96,6 +97,8 @@ class Previews:
         return out.with_name(out.stem + ".steps.png")
 
     def save(self, outputs: list[Path]) -> None:
+        if len(self.frames) == 1:  # K at or above the steps run: the "animation" is the final image again
+            warnings.warn(f"--preview-every {self.every} is not below the number of steps run: the preview holds the final image only")
         for i, out in enumerate(outputs if self.frames else []):
             path = self.path(out)
             frames = [step[i] for step in self.frames]

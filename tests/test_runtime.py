@@ -243,4 +243,6 @@ def test_cli_writes_the_steps_as_an_animated_png(tiny_bundle, tmp_path):
     assert steps.n_frames == 2  # after steps 2 and 4
     steps.seek(1)
     assert np.array_equal(np.asarray(steps.convert("RGB")), np.asarray(Image.open(out).convert("RGB")))
+    code, lines = _generate(tiny_bundle, "a cat", "--steps", "4", "--size", "192x128", "--preview-every", "4", "--out", out)
+    assert code == 0 and any("--preview-every 4 is not below the number of steps run" in line for line in lines), lines
     _error([tiny_bundle, "a cat", "--preview-every", "-1"], "--preview-every: must be in [0, 1000] (got -1)")
