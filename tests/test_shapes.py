@@ -8,6 +8,7 @@ of every ONNX and Core ML variant.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,26 +288,45 @@ INPAINT_CASES = [
 MIN_REPAINT_RATE = 0.75
 
 
+# How an export refuses a variant, with its reason: the log-prob gate of graph validation, or the prompt-accuracy gate.
+REFUSALS = ("failed validation against the reference", "refused by the prompt-accuracy gate")
+
+
 @pytest.mark.slow
 def test_full_evaluation_of_every_variant(tmp_path):
     """The issue's acceptance: ONNX float32 >= 95% prompt accuracy on the 200 pairs at the model card's
     settings; every quantized ONNX and Core ML variant within 3 points of float32, or refused by the
-    export's gate. Writes the report under tmp_path (the README's table comes from such a run)."""
+    export with its reason. One export per variant: in one bundle, the first refusal would stop the
+    export before the other variants are judged. Core ML runs through the numpy evaluator off macOS
+    (about 2.7 s an image: the fp16 base and the int8 gate take about half an hour together).
+    Writes the float32 report under tmp_path (the README's table comes from such a run)."""
     from meissonic_export.evaluate import MAX_ACCURACY_LOSS_POINTS, evaluate_bundle, format_table, write_report
-    from meissonic_export.export import export_bundle
+    from meissonic_export.export import ExportError, export_bundle
     from meissonic_export.options import EvaluateOptions, ExportOptions
 
-    bundle = tmp_path / "bundle"
-    export_bundle(write_checkpoint("shapes", tmp_path / "checkpoint"), bundle, ExportOptions(targets=("onnx", "coreml"), quantize=("int8", "int4", "palette4", "palette6"), jobs=1, progress=False))
-    onnx = evaluate_bundle(bundle, EvaluateOptions(progress=False))
-    # Core ML runs through the numpy evaluator off macOS (~2.7 s an image here): the export gate's pairs (every
-    # in-grammar pair, no held-out ones), against ONNX float32 on them
-    coreml = evaluate_bundle(bundle, EvaluateOptions(backend="coreml", held_out_seeds=0, reference=False, progress=False))
-    print(format_table(onnx), format_table(coreml), sep="\n\n")
-    write_report(onnx, tmp_path / "onnx")
-    write_report(coreml, tmp_path / "coreml")
-    assert onnx["rows"]["onnx fp32"]["prompt_accuracy"] >= 0.95
-    for report in (onnx, coreml):
-        base = report["rows"]["onnx fp32"]["prompt_accuracy"]
-        for name, figures in report["rows"].items():
-            assert 100 * (base - figures["prompt_accuracy"]) <= MAX_ACCURACY_LOSS_POINTS, (name, figures)
+    checkpoint = write_checkpoint("shapes", tmp_path / "checkpoint")
+
+    def export(target: str, variant: str | None) -> Path:
+        bundle = tmp_path / f"{target}-{variant or 'base'}"
+        export_bundle(checkpoint, bundle, ExportOptions(targets=(target,), quantize=(variant,) if variant else (), jobs=1, progress=False))
+        return bundle
+
+    float32 = evaluate_bundle(export("onnx", None), EvaluateOptions(progress=False))
+    write_report(float32, tmp_path / "onnx")
+    base = float32["rows"]["onnx fp32"]["prompt_accuracy"]
+    # the Core ML base (float16) is no quantized variant, so no export gate judges it: evaluated here
+    fp16 = evaluate_bundle(export("coreml", None), EvaluateOptions(backend="coreml", held_out_seeds=0, reference=False, progress=False))
+    outcomes = {"coreml fp16": fp16["rows"]["coreml fp16"]["prompt_accuracy"]}
+    for target, variant in [("onnx", "int8"), ("onnx", "int4"), ("coreml", "int8"), ("coreml", "int4"), ("coreml", "palette4"), ("coreml", "palette6")]:
+        try:
+            manifest = json.loads((export(target, variant) / "manifest.json").read_text())
+        except ExportError as error:
+            assert any(reason in str(error) for reason in REFUSALS), error  # a gate's refusal, not another failure
+            outcomes[f"{target} {variant}"] = f"refused: {error}"
+            continue
+        outcomes[f"{target} {variant}"] = manifest["evaluation"][target][f"{target} {variant}"] / 100  # what its gate measured
+    print(format_table(float32), *(f"{name}: {value}" for name, value in outcomes.items()), sep="\n")
+    assert base >= 0.95
+    for name, accuracy in outcomes.items():
+        if not isinstance(accuracy, str):
+            assert 100 * (base - accuracy) <= MAX_ACCURACY_LOSS_POINTS, (name, accuracy, base)
