@@ -316,7 +316,7 @@ def test_full_evaluation_of_every_variant(tmp_path):
     base = float32["rows"]["onnx fp32"]["prompt_accuracy"]
     # the Core ML base (float16) is no quantized variant, so no export gate judges it: evaluated here
     fp16 = evaluate_bundle(export("coreml", None), EvaluateOptions(backend="coreml", held_out_seeds=0, reference=False, progress=False))
-    outcomes = {"coreml fp16": fp16["rows"]["coreml fp16"]["prompt_accuracy"]}
+    outcomes = {"pytorch": float32["rows"]["pytorch"]["prompt_accuracy"], "coreml fp16": fp16["rows"]["coreml fp16"]["prompt_accuracy"]}
     for target, variant in [("onnx", "int8"), ("onnx", "int4"), ("coreml", "int8"), ("coreml", "int4"), ("coreml", "palette4"), ("coreml", "palette6")]:
         try:
             manifest = json.loads((export(target, variant) / "manifest.json").read_text())
