@@ -6,6 +6,7 @@ at once, and the Python API calls the same checks.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,8 +175,8 @@ def _check_names(option: str, what: str, given, known) -> None:
 def _check_once(option: str, given) -> None:
     """The CLI drops repeats (`names`); the Python API refuses them: a graph listed twice was exported
     twice into the same folder, with two manifest entries for one file."""
-    shown = lambda item: "x".join(map(str, item)) if isinstance(item, tuple) else str(item)  # a resolution: 256x256
-    repeated = sorted({shown(item) for item in given if list(given).count(item) > 1})
+    repeated = sorted("x".join(map(str, item)) if isinstance(item, tuple) else item  # a resolution reads 256x256
+                      for item, count in Counter(given).items() if count > 1)
     if repeated:
         raise ExportError(f"{option}: {', '.join(repeated)} given more than once")
 
