@@ -104,7 +104,7 @@ class Previews:
             frames = [step[i] for step in self.frames]
             write_atomically(path, lambda temporary, frames=frames: frames[0].save(
                 temporary, format="PNG", save_all=True, append_images=frames[1:], duration=400, loop=0, pnginfo=png_mark()))  # fmt: skip
-            print(f"wrote {path} ({len(frames)} frames)")
+            print(f"wrote {path} ({len(frames)} frame{'s' if len(frames) > 1 else ''})")
 
 
 def run(args) -> None:
