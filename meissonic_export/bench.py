@@ -106,7 +106,7 @@ class Results:
     peak_rss_mb: dict = field(default_factory=dict)  # variant -> MB of a generation process
     sizes_mb: dict = field(default_factory=dict)  # variant -> graph -> MB
     quality: dict = field(default_factory=dict)  # variant -> logit SQNR (dB) from the manifest
-    one_b: dict = field(default_factory=dict)  # variant -> Ratio of one 1B step, and the grid
+    one_b: dict = field(default_factory=dict)  # variant -> Ratio of one 1B step; sizes, profiles, FLOPs, the grid
     profile: dict = field(default_factory=dict)  # variant -> op type -> ms per step at `grid`
 
 
@@ -156,7 +156,30 @@ def _profile_torch(transformer, inputs, runs: int) -> dict[str, float]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         for _ in range(runs):
             run(inputs)
-    return _top({e.key: e.self_cpu_time_total / 1000 / runs for e in profiler.key_averages()})
+    return {e.key: round(e.self_cpu_time_total / 1000 / runs, 3) for e in profiler.key_averages() if e.self_cpu_time_total > 0}
+
+
+# Kernels that multiply matrices (linear layers, convolutions, attention's products), in either profiler:
+# the work a graph rewrite cannot remove. A step can be no faster than these kernels alone.
+MATRIX_PRODUCT_OPS = frozenset({
+    "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "MatMul", "FusedMatMul", "Gemm", "Conv", "FusedConv", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger",
+    "MatMulNBits", "ConvInteger", "QLinearConv", "QLinearMatMul",
+})  # fmt: skip
+
+
+def matrix_product_share(per_op: dict[str, float]) -> float:
+    """The share of a profiled step spent in matrix-product kernels."""
+    return sum(ms for op, ms in per_op.items() if op in MATRIX_PRODUCT_OPS) / sum(per_op.values())
+
+
+def _step_flops(transformer, inputs) -> int:
+    """Floating-point operations of one reference step (torch's FlopCounterMode: the matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        _torch_step(transformer)(inputs)
+    return int(counter.get_total_flops())
 
 
 def _profile_onnx(path: Path, inputs, options: BenchOptions, scratch: Path, runs: int) -> dict[str, float]:
@@ -169,7 +192,7 @@ def _profile_onnx(path: Path, inputs, options: BenchOptions, scratch: Path, runs
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             op = event["args"]["op_name"]
             per_op[op] = per_op.get(op, 0.0) + event["dur"] / 1000 / runs
-    return _top(per_op)
+    return {op: round(ms, 3) for op, ms in per_op.items()}
 
 
 def _top(per_op: dict[str, float], count: int = 6) -> dict[str, float]:
@@ -284,7 +307,9 @@ PRESET_STEP_VARIANTS = ("fp32", "int8", "int4")
 
 def one_step_of_preset(preset: str, grid: int, options: BenchOptions, scratch: Path) -> dict:
     """A preset's random-weight transformer (the released 1B configuration in the benchmark): one denoise
-    step in PyTorch, and in onnxruntime float32, int8 and int4."""
+    step in PyTorch, and in onnxruntime float32, int8 and int4, timed in pairs and profiled by op type;
+    with the step's FLOPs and the machine's float32 GEMM rate, so that a ratio can be read against what
+    the kernels allow."""
     from meissonic.quantize.onnx_quant import quantize_graph
     from meissonic.quantize.recipe import Recipe, quantizable_layers
     from meissonic.reference.presets import PRESETS
@@ -314,13 +339,16 @@ def one_step_of_preset(preset: str, grid: int, options: BenchOptions, scratch: P
             paths[variant], _ = child.submit(quantize_graph, path, scratch / preset / variant, spec.weights_prefix, plan, recipe).result()
     # One session at a time, each interleaved with PyTorch: three 1B sessions (prepacked weights) beside the
     # PyTorch model do not fit this 24 GB machine.
-    ratios = {}
+    ratios, runs = {}, min(options.repeats, 2)
+    profile = {"pytorch": _profile_torch(transformer, inputs, runs)}
     for variant, variant_path in paths.items():
         graph = OnnxGraph(variant_path, options.onnx_options())
         ratios.update(_step_ratios(_torch_step(transformer), {variant: graph}, inputs, options))
         del graph
+        profile[variant] = _profile_onnx(variant_path, inputs, options, scratch, runs)
     sizes = {f"{variant}_bytes": sum(f.stat().st_size for f in p.parent.iterdir()) for variant, p in paths.items()}
-    return {**ratios, **sizes, "grid": grid}
+    facts = {"flops": _step_flops(transformer, inputs), "gemm_gflops": round(_gemm_gflops(), 1), "profile": profile}
+    return {**ratios, **sizes, **facts, "preset": preset, "grid": grid}
 
 
 def _ratio(r: Ratio) -> str:
@@ -361,22 +389,51 @@ def markdown(results: Results) -> str:
         lines.append(f"| {g}x{g} | {reference_ms:.1f} | " + " | ".join(f"{_ratio(r)}, {r.candidate_ms:.1f}" for r in ratios.values()) + " |")
     if results.profile:
         lines += ["", f"Where a step's time goes ({grid}x{grid} tokens; op types by time per step, profiler overhead included):", ""]
-        lines += ["| variant | op types, ms per step (share) |", "|---|---|"]
-        for variant, per_op in results.profile.items():
-            total = sum(per_op.values())
-            lines.append(f"| {variant} | " + ", ".join(f"{op} {ms:.1f} ({ms / total:.0%})" for op, ms in per_op.items()) + " |")
+        lines += _profile_table(results.profile)
     if results.one_b:
-        one = results.one_b
-        lines += [
-            "",
-            (
-                f"Released 1B configuration (random weights), one denoise step at {one['grid']}x{one['grid']} tokens, interleaved with "
-                f"PyTorch ({one['fp32'].reference_ms:.0f} ms): "
-                + "; ".join(f"onnxruntime {v} {_ratio(one[v])}, {one[v].candidate_ms:.0f} ms, {one[f'{v}_bytes'] / 1e6:.0f} MB" for v in PRESET_STEP_VARIANTS)
-                + "."
-            ),
-        ]
+        lines += ["", *one_step_table(results.one_b)]
     return "\n".join(lines)
+
+
+def _profile_table(profile: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| variant | op types, ms per step (share) |", "|---|---|"]
+    for variant, per_op in profile.items():
+        total = sum(per_op.values())
+        lines.append(f"| {variant} | " + ", ".join(f"{op} {ms:.1f} ({ms / total:.0%})" for op, ms in _top(per_op).items()) + " |")
+    return lines
+
+
+def one_step_table(one: dict) -> list[str]:
+    """The 1B step: each variant's speed-up, and how far the matrix-product kernels alone would let it go."""
+    preset, grid, flops, profile = one["preset"], one["grid"], one["flops"], one["profile"]
+    reference_ms = float(np.median([one[v].reference_ms for v in PRESET_STEP_VARIANTS]))
+    share = {v: matrix_product_share(per_op) for v, per_op in profile.items()}
+    floor_ms = flops / one["gemm_gflops"] / 1e6  # the step's FLOPs at the machine's best float32 GEMM rate
+    lines = [
+        (f"Preset `{preset}` (random weights; `meissonic-1b` is the released configuration), one denoise step at {grid}x{grid} tokens: "
+        f"{flops / 1e12:.3f} TFLOP in the reference's arithmetic. This machine's float32 GEMM rate is {one['gemm_gflops']:.0f} GFLOP/s "
+        f"(torch.mm of two 2048x2048 matrices, best of 3), so a float32 step doing that arithmetic takes at least {floor_ms:.0f} ms: "
+        f"{reference_ms / floor_ms:.2f}x PyTorch's step at most. "
+        "Each variant interleaved with PyTorch; the matrix products' share comes from each side's profiler, and the speed-up they allow "
+        "is the measured one divided by that share (every other op free). GFLOP/s: the reference's operations per second of the step."),
+        "",
+        "| variant | speed-up (25th-75th) | ms (PyTorch ms) | step graph MB | matrix products' share | speed-up if only they took time | GFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| pytorch | 1 | {reference_ms:.0f} | | {share['pytorch']:.0%} | {1 / share['pytorch']:.2f}x | {flops / reference_ms / 1e6:.0f} |",
+    ]
+    for v in PRESET_STEP_VARIANTS:
+        r = one[v]
+        lines.append(
+            f"| {v} | {_ratio(r)} | {r.candidate_ms:.0f} ({r.reference_ms:.0f}) | {one[f'{v}_bytes'] / 1e6:.0f} | {share[v]:.0%} | "
+            f"{r.median / share[v]:.2f}x | {flops / r.candidate_ms / 1e6:.0f} |"
+        )
+    return [*lines, "", "Where that step's time goes (op types by time per step):", "", *_profile_table(profile)]
+
+
+def _gemm_gflops(size: int = 2048, runs: int = 3) -> float:
+    """The machine's float32 matrix-product rate at this thread count: what no float32 step can beat."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / min(_ms(lambda: torch.mm(a, b)) for _ in range(runs)) / 1e6
 
 
 def _cell(value: float | None, spec: str) -> str:

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from meissonic_export.bench import PRESET_STEP_VARIANTS, BenchOptions, markdown, one_step_of_preset, run_bench, write
+from meissonic_export.bench import (
+    PRESET_STEP_VARIANTS,
+    BenchOptions,
+    markdown,
+    matrix_product_share,
+    one_step_of_preset,
+    one_step_table,
+    run_bench,
+    write,
+)
 
 from .conftest import QUANTIZED_VARIANTS
 
@@ -29,6 +38,7 @@ def test_bench_smoke(tiny_bundle, golden_checkpoint, tmp_path):
     assert set(results.profile) == {"pytorch", *variants}
     assert all(sum(per_op.values()) > 0 for per_op in results.profile.values())
     assert any(op.startswith("MatMul") for op in results.profile["fp32"])
+    assert all(0 < matrix_product_share(per_op) < 1 for per_op in results.profile.values())
     table = markdown(results)
     assert "| int4 |" in table and "speed-up" in table
     paths = write(results, tmp_path)
@@ -47,3 +57,9 @@ def test_one_step_of_a_preset_times_float32_int8_and_int4(tmp_path):
     for variant in PRESET_STEP_VARIANTS:
         assert one[variant].pairs == 2 and one[variant].candidate_ms > 0 and one[variant].reference_ms > 0
     assert one["int4_bytes"] < one["int8_bytes"] < one["fp32_bytes"]
+    # Each side profiled: the matrix products ran in every one, and something else did too.
+    assert set(one["profile"]) == {"pytorch", *PRESET_STEP_VARIANTS}
+    assert all(0 < matrix_product_share(per_op) < 1 for per_op in one["profile"].values())
+    assert any(op.startswith("MatMul") for op in one["profile"]["int4"]) and one["flops"] > 0 and one["gemm_gflops"] > 0
+    table = "\n".join(one_step_table(one))
+    assert "matrix products' share" in table and table.count("| int8 |") == 2  # the ratio row and the profile row
