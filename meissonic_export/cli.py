@@ -240,7 +240,8 @@ def _bench(args) -> None:
     reference, ...; the table gives the median ratio and its spread over the pairs, then milliseconds), peak
     memory of a generation process per variant, graph sizes, where a step's time goes, and one step of the
     released 1B configuration (random weights) in onnxruntime float32, int8 and int4, each quantized in a child
-    process (15 minutes and up to 16 GB of memory on this 2-core machine). Writes bench.json, bench.md and PNG plots."""
+    process and profiled, with the step's FLOPs and the machine's float32 GEMM rate (how fast any float32 step
+    could be); 15 minutes and up to 16 GB of memory on this 2-core machine. Writes bench.json, bench.md and PNG plots."""
     for option, value, low, high in (("--repeats", args.repeats, 1, 1000), ("--warmup", args.warmup, 0, 100), ("--grid", args.grid, 1, 128), ("--steps", args.steps, 1, 1000)):
         check_int(option, value, low, high)
     check_threads("--threads", args.threads, 1)  # more threads than CPUs would time the time-slicing
