@@ -223,12 +223,13 @@ def _sensitivity(args) -> None:
 
     check_report_folder("--out", args.out, list(REPORT_FILES))
 
-    bits = tuple(int(b) for b in names(args.bits))
-    if not bits or set(bits) - {4, 8}:
+    if not names(args.bits) or set(names(args.bits)) - {"4", "8"}:
         raise UsageError(f"--bits: choose from 4 and 8 (got {args.bits!r})")
+    bits = tuple(int(b) for b in names(args.bits))
+    (grid,) = _token_grids("--grid", str(args.grid))
     transformer = load_component(args.checkpoint, "transformer")
-    results = analyse(transformer, bits=bits, block_size=args.block_size, grid=args.grid, granularity=args.granularity)
-    title = f"{args.checkpoint.name}: one {args.granularity} quantized at a time ({args.grid}x{args.grid} tokens, int4 blocks of {args.block_size or 'the largest dividing size'})"
+    results = analyse(transformer, bits=bits, block_size=args.block_size, grid=grid, granularity=args.granularity)
+    title = f"{args.checkpoint.name}: one {args.granularity} quantized at a time ({grid}x{grid} tokens, int4 blocks of {args.block_size or 'the largest dividing size'})"
     print(format_table(results, title))
     for path in write_report(results, args.out, title):
         print(f"wrote {path}")
@@ -242,16 +243,18 @@ def _bench(args) -> None:
     released 1B configuration (random weights) in onnxruntime float32, int8 and int4, each quantized in a child
     process and profiled, with the step's FLOPs and the machine's float32 GEMM rate (how fast any float32 step
     could be); 15 minutes and up to 16 GB of memory on this 2-core machine. Writes bench.json, bench.md and PNG plots."""
-    for option, value, low, high in (("--repeats", args.repeats, 1, 1000), ("--warmup", args.warmup, 0, 100), ("--grid", args.grid, 1, 128), ("--steps", args.steps, 1, 1000)):
+    for option, value, low, high in (("--repeats", args.repeats, 1, 1000), ("--warmup", args.warmup, 0, 100), ("--steps", args.steps, 1, 1000)):
         check_int(option, value, low, high)
     check_threads("--threads", args.threads, 1)  # more threads than CPUs would time the time-slicing
+    (grid,) = _token_grids("--grid", str(args.grid))
+    scaling_grids = _token_grids("--scaling-grids", args.scaling_grids)
     from .bench import REPORT_FILES, BenchOptions, markdown, run_bench, write
 
     check_report_folder("--out", args.out, list(REPORT_FILES))
 
     options = BenchOptions(
-        preset=args.preset, checkpoint=args.checkpoint, bundle=args.bundle, variants=names(args.variants), grid=args.grid,
-        scaling_grids=tuple(int(g) for g in names(args.scaling_grids)), steps=args.steps, repeats=args.repeats,
+        preset=args.preset, checkpoint=args.checkpoint, bundle=args.bundle, variants=names(args.variants), grid=grid,
+        scaling_grids=scaling_grids, steps=args.steps, repeats=args.repeats,
         warmup=args.warmup, threads=args.threads, with_1b=not args.no_1b, out=args.out, block_size=args.block_size,
         progress=not args.no_progress,
     )  # fmt: skip
@@ -261,6 +264,15 @@ def _bench(args) -> None:
     print(markdown(results))
     for path in write(results, args.out):
         print(f"wrote {path}")
+
+
+def _token_grids(option: str, text: str) -> tuple[int, ...]:
+    """'16,32' -> (16, 32): token grids the transformer takes (even: its 2x downsampling), checked before any
+    export starts (an odd grid failed only at its timing, minutes in)."""
+    grids = names(text)
+    if not grids or not all(g.isdigit() and int(g) % 2 == 0 and 2 <= int(g) <= 128 for g in grids):
+        raise UsageError(f"{option}: {text!r} is not a list of even token grids in 2..128 (16 px each: 32 = 512 px)")
+    return tuple(int(g) for g in grids)
 
 
 def build_parser() -> argparse.ArgumentParser:

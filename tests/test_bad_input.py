@@ -114,6 +114,8 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         ("export", ["evaluate", bundle, "--backend", "tpu"], "--backend"),
         ("export", ["evaluate", bundle, "--out", "file.txt"], "is not a folder"),
         ("export", ["evaluate", bundle, "--out", "mydocs"], "evaluation.json exists and was not written by this tool"),
+        ("export", ["sensitivity", golden, "--grid", "-4"], "--grid: '-4' is not a list of even token grids"),
+        ("export", ["sensitivity", golden, "--bits", "4,x"], "--bits: choose from 4 and 8"),
         ("export", ["sensitivity", golden, "--out", "mydocs"], "sensitivity.md exists and was not written by this tool"),
         ("export", ["bench", "--out", "mydocs"], "bench.json exists and was not written by this tool"),
         # port-kit
@@ -124,6 +126,10 @@ def _cases(golden: str, bundle: str) -> list[tuple[str, list[str], str]]:
         # bench
         ("export", ["bench", "--repeats", "0"], "--repeats"),
         ("export", ["bench", "--grid", "0"], "--grid"),
+        ("export", ["bench", "--grid", "3"], "--grid: '3' is not a list of even token grids"),
+        ("export", ["bench", "--scaling-grids", "16,7"], "--scaling-grids: '16,7' is not a list of even token grids"),
+        ("export", ["bench", "--scaling-grids", "16,x"], "--scaling-grids"),
+        ("export", ["bench", "--scaling-grids", ","], "--scaling-grids"),
         ("export", ["bench", "--threads", "1000"], "--threads: 1000 threads is more than the"),
         # meissonic-generate
         ("generate", ["missing", "a cat"], "missing: bundle folder not found"),
