@@ -32,7 +32,9 @@ from meissonic.runtimes.bundle import ModelFacts
 from meissonic.runtimes.cli_common import write_report_folder
 from meissonic.runtimes.onnx_backend import OnnxGraph, OnnxOptions
 
+from .export import ExportOptions, export_bundle
 from .graphs import GRAPHS, draw, model_facts, transformer_facts
+from .options import GRAPH_NAMES
 
 
 @dataclass
@@ -210,9 +212,6 @@ def run_bench(options: BenchOptions) -> Results:
     from meissonic.runtimes.bundle import read_manifest
     from meissonic.runtimes.pipeline import MeissonicRuntime
 
-    from .export import ExportOptions, export_bundle
-    from .options import GRAPH_NAMES
-
     threads = torch.get_num_threads()  # restored at the end: the benchmark may run inside another program (the tests)
     torch.set_num_threads(options.threads)
     scratch = Path(tempfile.mkdtemp(prefix="meissonic-bench-"))
@@ -221,13 +220,10 @@ def run_bench(options: BenchOptions) -> Results:
     try:
         checkpoint = options.checkpoint or write_checkpoint(options.preset, scratch / "checkpoint")
         bundle = options.bundle
-        quantize = tuple(v for v in options.variants if v != "fp32")
         if bundle is None:
             bundle = scratch / "bundle"
             _note(options, f"exporting {checkpoint} with variants {options.variants} (not timed)")
-            # every graph: the raw transformer's parity figures are the table's logit SQNR
-            everything = ExportOptions(resolutions=((size, size),), graphs=GRAPH_NAMES, quantize=quantize, block_size=options.block_size, progress=options.progress)
-            export_bundle(checkpoint, bundle, everything)
+            export_bundle(checkpoint, bundle, export_options(options))
         manifest = read_manifest(bundle)
         variants = [v for v in options.variants if v in manifest.variants("onnx")]
         components = {name: load_component(checkpoint, name) for name in COMPONENTS}
@@ -284,6 +280,17 @@ def run_bench(options: BenchOptions) -> Results:
         shutil.rmtree(scratch, ignore_errors=True)
         torch.set_num_threads(threads)
     return results
+
+
+def export_options(options: BenchOptions) -> ExportOptions:
+    """The bundle the benchmark times: every graph (the raw transformer's parity figures are the table's
+    logit SQNR), each variant, and a resolution per token grid it times. An export for one resolution fixes
+    its grid, so the step graph must be exported for every grid the scaling table runs it at."""
+    grids = dict.fromkeys([options.grid, *options.scaling_grids])
+    return ExportOptions(
+        resolutions=tuple((16 * g, 16 * g) for g in grids), graphs=GRAPH_NAMES, quantize=tuple(v for v in options.variants if v != "fp32"),
+        block_size=options.block_size, progress=options.progress,
+    )  # fmt: skip
 
 
 def _note(options: BenchOptions, message: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 from meissonic_export.bench import (
     PRESET_STEP_VARIANTS,
     BenchOptions,
+    export_options,
     markdown,
     matrix_product_share,
     one_step_of_preset,
@@ -44,6 +45,14 @@ def test_bench_smoke(tiny_bundle, golden_checkpoint, tmp_path):
     paths = write(results, tmp_path)
     assert json.loads(paths[0].read_text())["settings"]["threads"] == "2"
     assert all(p.stat().st_size > 0 for p in paths) and paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_exports_every_grid_it_times():
+    """An export for one resolution fixes its token grid; the benchmark times the step at several grids,
+    so its bundle carries a resolution per grid (with one, `bench` failed at the first other grid)."""
+    options = BenchOptions(grid=32, scaling_grids=(16, 32, 64), variants=("fp32", "int8"))
+    export = export_options(options)
+    assert export.resolutions == ((512, 512), (256, 256), (1024, 1024)) and export.quantize == ("int8",)
 
 
 @pytest.mark.slow  # a minute of exports and child processes: the default suite stays under 15 minutes
