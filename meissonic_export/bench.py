@@ -245,6 +245,8 @@ def run_bench(options: BenchOptions) -> Results:
 
         # 1. one denoising step at each token grid (the export is dynamic in the grid), every variant against PyTorch
         step_graphs = {v: runtimes[v].backend.graph("denoise_step") for v in variants}
+        for graph in step_graphs.values():
+            _check_grids(graph, grids)
         for grid in grids:
             results.step[grid] = _step_ratios(_torch_step(transformer), step_graphs, _step_inputs(info, grid), options)
             bar.update()
@@ -280,6 +282,17 @@ def run_bench(options: BenchOptions) -> Results:
         shutil.rmtree(scratch, ignore_errors=True)
         torch.set_num_threads(threads)
     return results
+
+
+def _check_grids(graph: OnnxGraph, grids: list[int]) -> None:
+    """A given bundle exported for one resolution has its step fixed to that grid (onnxruntime would refuse
+    the others mid-run, in a traceback): say so before anything is timed."""
+    height, width = next(i.shape for i in graph.session.get_inputs() if i.name == "tokens")[1:3]
+    if isinstance(height, int) and isinstance(width, int) and any((g, g) != (height, width) for g in grids):
+        raise ValueError(
+            f"--bundle: its denoise_step is exported for a {height}x{width} token grid only, and the benchmark times {grids}; "
+            f"pass --grid {height} --scaling-grids {height}, or leave out --bundle to export every grid"
+        )
 
 
 def export_options(options: BenchOptions) -> ExportOptions:

@@ -121,6 +121,17 @@ def test_a_partial_export_of_the_trained_model_says_why_it_was_not_judged_by_wha
     assert manifest["quality"]["onnx"] == skipped and manifest["evaluation"]["onnx"] == skipped
 
 
+def test_bench_refuses_grids_a_given_bundle_was_not_exported_for(shapes_checkpoint, shapes_bundle, tmp_path, capsys):
+    """The shapes bundle is exported for 256 px only, so its step takes the 16x16 grid alone: the benchmark
+    says so in one line before timing anything (it ended in onnxruntime's traceback at the first other grid)."""
+    from meissonic_export.cli import main
+
+    argv = ["bench", "--checkpoint", str(shapes_checkpoint), "--bundle", str(shapes_bundle), "--no-1b", "--no-progress", "--out", str(tmp_path / "b")]
+    assert main(argv) == 2
+    assert "--bundle: its denoise_step is exported for a 16x16 token grid only" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_bundle_carries_the_model_card_settings(shapes_bundle):
     from meissonic.runtimes.pipeline import MeissonicRuntime
 
