@@ -271,7 +271,7 @@ def _token_grids(option: str, text: str) -> tuple[int, ...]:
     export starts (an odd grid failed only at its timing, minutes in)."""
     grids = names(text)
     if not grids or not all(g.isdigit() and int(g) % 2 == 0 and 2 <= int(g) <= 128 for g in grids):
-        raise UsageError(f"{option}: {text!r} is not a list of even token grids in 2..128 (16 px each: 32 = 512 px)")
+        raise UsageError(f"{option}: {text!r}: token grids are even numbers in 2..128 (16 px each: 32 = 512 px)")
     return tuple(int(g) for g in grids)
 
 
