@@ -223,12 +223,12 @@ def _sensitivity(args) -> None:
 
     check_report_folder("--out", args.out, list(REPORT_FILES))
 
-    if not names(args.bits) or set(names(args.bits)) - {"4", "8"}:
+    bits = names(args.bits)
+    if not bits or set(bits) - {"4", "8"}:
         raise UsageError(f"--bits: choose from 4 and 8 (got {args.bits!r})")
-    bits = tuple(int(b) for b in names(args.bits))
     (grid,) = _token_grids("--grid", str(args.grid))
     transformer = load_component(args.checkpoint, "transformer")
-    results = analyse(transformer, bits=bits, block_size=args.block_size, grid=grid, granularity=args.granularity)
+    results = analyse(transformer, bits=tuple(map(int, bits)), block_size=args.block_size, grid=grid, granularity=args.granularity)
     title = f"{args.checkpoint.name}: one {args.granularity} quantized at a time ({grid}x{grid} tokens, int4 blocks of {args.block_size or 'the largest dividing size'})"
     print(format_table(results, title))
     for path in write_report(results, args.out, title):
