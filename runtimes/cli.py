@@ -137,7 +137,6 @@ def run(args) -> None:
     runtime = MeissonicRuntime.from_bundle(
         args.bundle, backend=args.backend, variant=args.variant, onnx_options=options, verify=not args.no_verify, low_memory=True
     )
-    print(f"backend: {runtime.backend.name}, variant: {runtime.backend.variant}", file=sys.stderr)
     previews = Previews(args.preview_every)
     started = time.time()
     result = runtime.generate(
@@ -147,7 +146,9 @@ def run(args) -> None:
     )  # fmt: skip
     images = save_images(result.images, args.out)
     previews.save(images)
-    print(f"{len(images)} image(s) in {time.time() - started:.1f} s", file=sys.stderr)
+    # said after the request was accepted, so that a refused request prints its one error line only
+    backend = f"backend: {runtime.backend.name}, variant: {runtime.backend.variant}"
+    print(f"{len(images)} image(s) in {time.time() - started:.1f} s ({backend})", file=sys.stderr)
 
 
 def main(argv=None) -> int:

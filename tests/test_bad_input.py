@@ -189,7 +189,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(index, workspace, golden_check
     except SystemExit as exit_:  # argparse's own errors
         code = exit_.code
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("backend:")]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
     assert expected in lines[0], lines[0]
