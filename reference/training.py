@@ -55,7 +55,7 @@ class TrainConfig:
     commitment: float = 0.25
     code_restart_every: int = 25
     images: int = 6000  # the transformer's training set, encoded once
-    steps: int = 3600
+    steps: int = 6000
     batch: int = 16
     lr: float = 1e-3
     warmup: int = 100
@@ -152,6 +152,37 @@ def _mask_batch(tokens: torch.Tensor, mask_id: int, generator: torch.Generator) 
     steps = torch.tensor(STEP_COUNTS)[torch.randint(len(STEP_COUNTS), (batch,), generator=generator)]
     timestep = (steps - 1 - (u * steps).floor()).float()
     return torch.where(masked, mask_id, tokens), masked, timestep
+
+
+# Below, above, right, left, as (row, column) steps on the transformer's (downsampled) grid.
+NEIGHBOUR_DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1))
+DIRECTIONAL_BIAS = 3.0  # q/k bias magnitude in the rotary pair that carries a direction
+DIRECTIONAL_GAIN = 2.0  # the q/k RMSNorm gains of that pair's dimensions
+
+
+@torch.no_grad()
+def init_directional_heads(transformer: MeissonicTransformer) -> None:
+    """Start the dual-stream blocks' first four heads as attention to one neighbour each (below, above,
+    right, left); the architecture is unchanged, only where training starts.
+
+    Why: with the default initialization every head averages its neighbours evenly, and an even average
+    says how much shape is near, not on which side; the model then blurs edges into blobs (measured: at
+    40% masked the edge cells cost it 0.59 nats against 0.04 for the best possible predictor). How: the
+    first rotary pair of the row and column axes turns by one radian per cell, so a q bias
+    b(cos d, sin d) against a k bias (b, 0) in that pair scores the cell d rows (columns) away highest.
+    """
+    head_dim = transformer.config.attention_head_dim
+    text_dims, row_dims, _ = transformer.config.axes_dims_rope
+    row_pair, column_pair = text_dims, text_dims + row_dims  # each axis's first, fastest-turning rotary pair
+    for block in transformer.transformer_blocks:
+        attention = block.attn
+        q_bias, k_bias = attention.to_q.bias.view(-1, head_dim), attention.to_k.bias.view(-1, head_dim)
+        for head, direction in zip(range(attention.heads), NEIGHBOUR_DIRECTIONS):
+            for pair, offset in zip((row_pair, column_pair), direction):
+                q_bias[head, pair : pair + 2] = torch.tensor([DIRECTIONAL_BIAS * math.cos(offset), DIRECTIONAL_BIAS * math.sin(offset)])
+                k_bias[head, pair : pair + 2] = torch.tensor([DIRECTIONAL_BIAS, 0.0])
+        for norm in (attention.norm_q, attention.norm_k):
+            norm.weight[[row_pair, row_pair + 1, column_pair, column_pair + 1]] = DIRECTIONAL_GAIN
 
 
 def train_transformer(
@@ -264,6 +295,7 @@ def _train(out: Path, config: TrainConfig, progress: bool, overwrite: bool) -> d
     clip_config = CLIPTextConfig(**preset.text_encoder)
     text_encoder = TextEncoder(clip_config).to(config.device)
     transformer = MeissonicTransformer(preset.transformer).to(config.device)
+    init_directional_heads(transformer)
 
     histories = {"VQ-VAE": train_vqvae(vq, config, progress)}
     times["vqvae_s"] = time.perf_counter() - started
