@@ -66,7 +66,7 @@ def _make_checkpoint(args) -> None:
 def _train(args) -> None:
     """Train the `shapes` demo model from procedural images, deterministically from --seed: the VQ-VAE on image
     crops, then the transformer and the CLIP text encoder together with the MaskGIT objective. Writes a
-    checkpoint folder with training/report.json and training/loss_curves.png. Measured 56 minutes on 2 CPU
+    checkpoint folder with training/report.json and training/loss_curves.png. Measured 40 minutes on 2 quiet CPU
     cores; with the default seed and 2 threads it reproduces the shipped `shapes` checkpoint."""
     check_int("--seed", args.seed, 0, 2**32 - 1)
     check_int("--threads", args.threads, 1, 256)
