@@ -100,8 +100,7 @@ def test_directional_heads_start_looking_at_their_neighbour():
     default = MeissonicTransformer(PRESETS["shapes"].transformer)
     torch.manual_seed(0)
     directional = MeissonicTransformer(PRESETS["shapes"].transformer)
-    with torch.no_grad():
-        init_directional_heads(directional)
+    init_directional_heads(directional)  # runs under no_grad itself
     assert best_neighbour(directional) == [list(NEIGHBOUR_DIRECTIONS)] * len(directional.transformer_blocks)
     assert best_neighbour(default) != best_neighbour(directional)
 
