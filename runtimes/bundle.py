@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .json_files import read_json_object
 
-FORMAT_VERSION = 2  # 2: the "model" section is `ModelFacts` (adds text_vocab_size)
+FORMAT_VERSION = 3  # 2: the "model" section is `ModelFacts` (adds text_vocab_size); 3: adds trained_text_ids
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("model", "resolutions", "base_variants", "graphs", "files")
 
@@ -79,6 +79,9 @@ class ModelFacts:
     pad_token_id: int | None = None  # the tokenizer's (None where no tokenizer was read: benchmarks)
     text_positions: int = 77
     masking_schedule: str = "cosine"
+    # Where some text ids' embeddings are all zero (never trained: the shapes model zeroes the words its
+    # grammar lacks), the others; None where every id is trained. The runtime warns of prompt words outside.
+    trained_text_ids: tuple[int, ...] | None = None
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def constants(self) -> dict[str, int]:
@@ -92,7 +95,9 @@ class ModelFacts:
         missing, unknown = [k for k in required if k not in raw], set(raw) - names
         if missing or unknown:
             raise ValueError(f"model section: missing {missing}, unknown {sorted(unknown)}")
-        return cls(**{**raw, "defaults": GenerationDefaults.from_json(raw.get("defaults", {}))})
+        trained = raw.get("trained_text_ids")
+        return cls(**{**raw, "trained_text_ids": None if trained is None else tuple(trained),
+                      "defaults": GenerationDefaults.from_json(raw.get("defaults", {}))})  # fmt: skip
 
     def to_json(self) -> dict:
         return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "defaults"}, "defaults": self.defaults.to_json()}

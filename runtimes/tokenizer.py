@@ -53,6 +53,10 @@ class CLIPTokenizer:
         self.backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in dict.fromkeys([self.bos, self.eos, unk, pad])])
         self.bos_id, self.eos_id, self.pad_id = (self.backend.token_to_id(t) for t in (self.bos, self.eos, pad))
 
+    def token_text(self, token_id: int) -> str:
+        """The text of one id, without BPE's end-of-word mark."""
+        return self.backend.id_to_token(token_id).removesuffix("</w>")
+
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """-> int64 [len(prompts), 77]; prompts longer than 75 tokens are truncated with a warning."""
         ids = np.full((len(prompts), CONTEXT_LENGTH), self.pad_id, dtype=np.int64)

@@ -105,6 +105,7 @@ def test_manifest_is_complete_and_true(manifest, tiny_bundle):
     assert raw["source"]["configs"]["transformer"]["codebook_size"] == 64
     assert raw["model"]["mask_token_id"] == 71 and raw["resolutions"] == [[512, 512], [192, 128]]
     assert ModelFacts.from_json(raw["model"]) == manifest.model and manifest.model.to_json() == raw["model"]  # the typed section round-trips
+    assert manifest.model.trained_text_ids is None  # random weights: every text id has an embedding
     assert manifest.model.text_vocab_size == 49408 and manifest.model.defaults.steps == 48  # the golden CLIP's vocabulary; the official steps
     verify_files(manifest)
 

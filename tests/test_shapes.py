@@ -171,6 +171,22 @@ def test_bundle_carries_the_model_card_settings(shapes_bundle):
     assert runtime.default_size == tuple(SHAPES_GENERATION["resolution"])
 
 
+def test_words_the_model_never_learned_are_named_in_a_warning(shapes_bundle):
+    """The shapes model knows its grammar's words only (the others' embeddings are zero): a prompt with
+    another word still draws, and the runtime names the word rather than draw in silence."""
+    import warnings
+
+    from meissonic.runtimes.pipeline import MeissonicRuntime
+
+    sampler = MeissonicRuntime.from_bundle(shapes_bundle).sampler
+    with pytest.warns(UserWarning, match=r"never trained on '(dog|pink)', '(dog|pink)' \(their text embeddings are zero\)") as caught:
+        sampler.encode_prompts(["a pink dog on a blue background"])
+    assert {"'dog'", "'pink'"} <= set(str(caught[0].message).replace(",", " ").split())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.encode_prompts(["a red circle on a blue background", ""])
+
+
 def test_a_bundle_for_one_resolution_fixes_the_grid_and_keeps_the_batch(shapes_bundle, shapes_checkpoint):
     """Exported for its 256 px alone, the ONNX graphs fix the 16 x 16 token grid (torch.export traces them
     in about 2/3 of the time) and keep the batch dynamic: three token grids, a batch no validation input
