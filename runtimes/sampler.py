@@ -162,14 +162,14 @@ class Sampler:
         return out["text_embeds"], out["encoder_hidden_states"]
 
     def _warn_of_untrained_words(self, ids: np.ndarray) -> None:
-        """A closed-vocabulary model (the shapes model) draws anyway when a word is outside it, as if
-        the word were absent: say so rather than let a user wonder why "a dog" draws a shape."""
+        """A closed-vocabulary model (the shapes model) draws anyway when a word is outside it, reading
+        the word as a blank: say so rather than let a user wonder why "a dog" draws a shape."""
         if self.facts.trained_text_ids is None:
             return
         untrained = sorted(set(np.unique(ids).tolist()) - set(self.facts.trained_text_ids))
         if untrained:
             words = ", ".join(repr(self.tokenizer.token_text(i)) for i in untrained)
-            warnings.warn(f"this model was never trained on {words} (their text embeddings are zero): it draws as if they were absent", stacklevel=3)
+            warnings.warn(f"this model was never trained on {words} (their text embeddings are zero): it reads them as blanks", stacklevel=3)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(self.backend.graph("vq_decoder")({"tokens": tokens})["image"], dtype=np.float32)
