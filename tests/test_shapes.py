@@ -179,7 +179,7 @@ def test_words_the_model_never_learned_are_named_in_a_warning(shapes_bundle):
     from meissonic.runtimes.pipeline import MeissonicRuntime
 
     sampler = MeissonicRuntime.from_bundle(shapes_bundle).sampler
-    with pytest.warns(UserWarning, match=r"never trained on '(dog|pink)', '(dog|pink)' \(their text embeddings are zero\)") as caught:
+    with pytest.warns(UserWarning, match=r"never trained on .* \(their text embeddings are zero\)") as caught:
         sampler.encode_prompts(["a pink dog on a blue background"])
     assert {"'dog'", "'pink'"} <= set(str(caught[0].message).replace(",", " ").split())
     with warnings.catch_warnings():
