@@ -223,7 +223,7 @@ def read_manifest(bundle: Path) -> Manifest:
     raw = read_json_object(path, BundleError, "a manifest")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format version {version!r} is not supported (this runtime reads {FORMAT_VERSION})")
+        raise BundleError(f"{path}: bundle format version {version!r} is not supported (this runtime reads {FORMAT_VERSION}; export the checkpoint again with this meissonic-export)")
     missing = [key for key in REQUIRED_KEYS if key not in raw]
     if missing:
         raise BundleError(f"{path}: incomplete manifest, missing {missing}")
