@@ -75,13 +75,11 @@ def resolve_shape(shape: tuple, constants: dict[str, int]) -> tuple:
 def model_facts(components: dict[str, nn.Module], pad_token_id: int | None = None, defaults: GenerationDefaults | None = None) -> ModelFacts:
     """The checkpoint's facts (the manifest's "model"), read off its loaded components."""
     t, text = components["transformer"].config, components["text_encoder"].config
-    embedding = components["text_encoder"].clip.text_model.embeddings.token_embedding.weight.detach()
-    trained = tuple(embedding.abs().sum(1).nonzero().flatten().tolist())
     return ModelFacts(
         codebook_size=t.codebook_size, vocab_size=t.vocab_size, mask_token_id=t.mask_token_id,
         vae_scale_factor=components["vqvae"].config.scale_factor, joint_attention_dim=text.hidden_size,
         pooled_projection_dim=t.pooled_projection_dim, text_vocab_size=text.vocab_size, pad_token_id=pad_token_id,
-        trained_text_ids=trained if len(trained) < len(embedding) else None, defaults=defaults or GenerationDefaults(),
+        trained_text_ids=components["text_encoder"].trained_token_ids(), defaults=defaults or GenerationDefaults(),
     )  # fmt: skip
 
 

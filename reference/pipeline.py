@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from meissonic.runtimes.images import image_to_pixels, mask_to_grid, open_image, pixels_to_pil
+from meissonic.runtimes.sampler import warn_of_untrained_words
 
 from .checkpoint import _read_json, load_component
 from .folder import CheckpointError, check_checkpoint_folder
@@ -59,6 +60,7 @@ class MeissonicPipeline:
     def __init__(self, tokenizer, text_encoder, transformer, vqvae, scheduler):
         self.tokenizer, self.text_encoder, self.transformer = tokenizer, text_encoder, transformer
         self.vqvae, self.scheduler = vqvae, scheduler
+        self.trained_token_ids = text_encoder.trained_token_ids()
         if scheduler.mask_token_id != transformer.config.mask_token_id:
             raise CheckpointError(
                 f"scheduler mask_token_id {scheduler.mask_token_id} is not the transformer's last vocabulary id "
@@ -85,8 +87,14 @@ class MeissonicPipeline:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> text_embeds [B,P], penultimate hidden states [B,77,J]."""
-        return self.text_encoder(self.tokenize(prompts))
+        """-> text_embeds [B,P], penultimate hidden states [B,77,J]. Words the model never learned are
+        named in a warning, as the runtime names them."""
+        ids = self.tokenize(prompts)
+        warn_of_untrained_words(ids.numpy(), self.trained_token_ids, self._token_text)
+        return self.text_encoder(ids)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(token_id).removesuffix("</w>")
 
     @torch.no_grad()
     def __call__(

@@ -21,3 +21,10 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.clip(input_ids=input_ids, output_hidden_states=True, return_dict=True)
         return out.text_embeds, out.hidden_states[-2]
+
+    def trained_token_ids(self) -> tuple[int, ...] | None:
+        """The token ids whose embedding rows are not all zero, where some are (a closed-vocabulary model
+        such as the shapes model zeroes the rows its training never used); None where every row is set."""
+        embedding = self.clip.text_model.embeddings.token_embedding.weight.detach()
+        trained = tuple(embedding.abs().sum(1).nonzero().flatten().tolist())
+        return trained if len(trained) < len(embedding) else None

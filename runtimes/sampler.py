@@ -143,6 +143,18 @@ def gumbel(uniforms: np.ndarray) -> np.ndarray:
     return -np.log(np.maximum(-np.log(np.maximum(uniforms, tiny)), tiny))
 
 
+def warn_of_untrained_words(ids: np.ndarray, trained_ids, token_text: Callable[[int], str]) -> None:
+    """A closed-vocabulary model (the shapes model) draws anyway when a word is outside it, reading
+    the word as a blank: say so rather than let a user wonder why "a dog" draws a shape. `trained_ids`
+    None: every id is trained (random and released checkpoints). Shared by the runtime and the reference."""
+    if trained_ids is None:
+        return
+    untrained = sorted(set(np.unique(ids).tolist()) - set(trained_ids))
+    if untrained:
+        words = ", ".join(repr(token_text(i)) for i in untrained)
+        warnings.warn(f"this model was never trained on {words} (their text embeddings are zero): it reads them as blanks", stacklevel=4)
+
+
 class Sampler:
     """`low_memory`: release each graph when its phase is over (text encoding, the encoding of an input
     image, denoising, decoding), so the peak is the largest graph's, not their sum. Costs a reload per
@@ -162,14 +174,7 @@ class Sampler:
         return out["text_embeds"], out["encoder_hidden_states"]
 
     def _warn_of_untrained_words(self, ids: np.ndarray) -> None:
-        """A closed-vocabulary model (the shapes model) draws anyway when a word is outside it, reading
-        the word as a blank: say so rather than let a user wonder why "a dog" draws a shape."""
-        if self.facts.trained_text_ids is None:
-            return
-        untrained = sorted(set(np.unique(ids).tolist()) - set(self.facts.trained_text_ids))
-        if untrained:
-            words = ", ".join(repr(self.tokenizer.token_text(i)) for i in untrained)
-            warnings.warn(f"this model was never trained on {words} (their text embeddings are zero): it reads them as blanks", stacklevel=3)
+        warn_of_untrained_words(ids, self.facts.trained_text_ids, self.tokenizer.token_text)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(self.backend.graph("vq_decoder")({"tokens": tokens})["image"], dtype=np.float32)

@@ -171,20 +171,26 @@ def test_bundle_carries_the_model_card_settings(shapes_bundle):
     assert runtime.default_size == tuple(SHAPES_GENERATION["resolution"])
 
 
-def test_words_the_model_never_learned_are_named_in_a_warning(shapes_bundle):
+@pytest.mark.parametrize("pipeline", ["runtime", "reference"])
+def test_words_the_model_never_learned_are_named_in_a_warning(pipeline, shapes_bundle, shapes_checkpoint):
     """The shapes model knows its grammar's words only (the others' embeddings are zero): a prompt with
-    another word still draws, and the runtime names the word rather than draw in silence."""
+    another word still draws, and the runtime and the reference name the word rather than draw in silence."""
     import warnings
 
-    from meissonic.runtimes.pipeline import MeissonicRuntime
+    if pipeline == "runtime":
+        from meissonic.runtimes.pipeline import MeissonicRuntime
 
-    sampler = MeissonicRuntime.from_bundle(shapes_bundle).sampler
+        encode = MeissonicRuntime.from_bundle(shapes_bundle).sampler.encode_prompts
+    else:
+        from meissonic.reference.pipeline import MeissonicPipeline
+
+        encode = MeissonicPipeline.from_pretrained(shapes_checkpoint).encode_prompt
     with pytest.warns(UserWarning, match=r"never trained on .* \(their text embeddings are zero\)") as caught:
-        sampler.encode_prompts(["a pink dog on a blue background"])
-    assert {"'dog'", "'pink'"} <= set(str(caught[0].message).replace(",", " ").split())
+        encode(["a pink dog on a blue background"])
+    assert len(caught) == 1 and {"'dog'", "'pink'"} <= set(str(caught[0].message).replace(",", " ").split())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sampler.encode_prompts(["a red circle on a blue background", ""])
+        encode(["a red circle on a blue background", ""])
 
 
 def test_a_bundle_for_one_resolution_fixes_the_grid_and_keeps_the_batch(shapes_bundle, shapes_checkpoint):
