@@ -69,7 +69,7 @@ def _train(args) -> None:
     checkpoint folder with training/report.json and training/loss_curves.png. Measured 36-40 minutes on 2 quiet
     CPU cores. Reproducible per machine and thread count: with the default seed and 2 threads it wrote the shipped
     `shapes` checkpoint byte for byte where that was trained; another CPU's floats differ, and so does what the
-    model draws (README: "One run is one draw")."""
+    model draws (docs/shapes_research.md: "One run is one draw")."""
     check_int("--seed", args.seed, 0, 2**32 - 1)
     check_int("--threads", args.threads, 1, 256)
     check_output_folder(args.out, args.overwrite, _owned_checkpoint, "checkpoint folder", option="OUT")

@@ -169,7 +169,7 @@ def init_directional_heads(transformer: MeissonicTransformer) -> None:
     Why: with the default initialization every head averages its neighbours evenly, and an even average
     says how much shape is near, not on which side; the model then blurs edges into blobs (measured on
     ideal tokens at 40% masked: the edge cells cost it 0.59 nats against 0.04 for the best possible
-    predictor; README, "Edges, not the shape word"). How: the first rotary pair of the row and column
+    predictor; docs/shapes_research.md, "Edges, not the shape word"). How: the first rotary pair of the row and column
     axes turns by one radian per cell, so a q bias b(cos d, sin d) against a k bias (b, 0) in that pair
     scores the cell d rows (columns) away highest.
     """
