@@ -152,7 +152,7 @@ def warn_of_untrained_words(ids: np.ndarray, trained_ids, token_text: Callable[[
     untrained = sorted(set(np.unique(ids).tolist()) - set(trained_ids))
     if untrained:
         words = ", ".join(repr(token_text(i)) for i in untrained)
-        warnings.warn(f"this model was never trained on {words} (their text embeddings are zero): it reads them as blanks", stacklevel=4)
+        warnings.warn(f"this model was never trained on {words} (their text embeddings are zero): it reads them as blanks", stacklevel=3)
 
 
 class Sampler:
@@ -169,12 +169,9 @@ class Sampler:
 
     def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         ids = self.tokenizer(prompts)
-        self._warn_of_untrained_words(ids)
+        warn_of_untrained_words(ids, self.facts.trained_text_ids, self.tokenizer.token_text)
         out = self.backend.graph("text_encoder")({"input_ids": ids})
         return out["text_embeds"], out["encoder_hidden_states"]
-
-    def _warn_of_untrained_words(self, ids: np.ndarray) -> None:
-        warn_of_untrained_words(ids, self.facts.trained_text_ids, self.tokenizer.token_text)
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(self.backend.graph("vq_decoder")({"tokens": tokens})["image"], dtype=np.float32)
