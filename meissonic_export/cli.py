@@ -133,7 +133,8 @@ def _evaluate(args) -> None:
     the held-out combinations, reported apart) with the PyTorch reference and every variant of the bundle,
     read each image back with the shapes analyzer, and report prompt accuracy (all three attributes right),
     per-attribute accuracy, token agreement and image PSNR against the float32 run of the same seed. Prints
-    a table, writes evaluation.json and evaluation_grid.png (prompts x variants)."""
+    a table, writes evaluation.json (which adds the shape kind's accuracy for each kind) and
+    evaluation_grid.png (prompts x variants)."""
     from .options import EvaluateOptions, check_evaluate_options
 
     options = EvaluateOptions(

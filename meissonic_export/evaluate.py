@@ -132,6 +132,8 @@ def _figures(pairs, readings, agreement, psnr) -> dict:
         "background_accuracy": accuracy(seen, "background"),
         "color_accuracy": accuracy(seen, "color"),
         "shape_accuracy": accuracy(seen, "shape"),
+        # where the shape kind goes wrong (the shapes model: squares), which the one shape figure hides
+        "shape_accuracy_by_kind": {kind: accuracy([(p, r) for p, r in seen if p.scene.shape == kind], "shape") for kind in shapes.SHAPES},
     }
     if agreement:
         finite = [p for p in psnr if math.isfinite(p)]
