@@ -41,7 +41,7 @@ MICRO_CONDS = (256.0, 256.0, 0.0, 0.0, 6.0)  # width, height, crop, aesthetic sc
 STEP_COUNTS = (8, 12, 16, 24, 32)  # the timestep input is trained for these sampling lengths
 GENERATION_CONFIG = "generation_config.json"  # meissonic_export.options.GENERATION_CONFIG
 # The settings the model card states, written beside the weights; the export copies them into the bundle.
-SHAPES_GENERATION = {"resolution": [256, 256], "steps": 16, "guidance_scale": 5.0, "temperature": [2.0, 0.0], "evaluation": "shapes"}
+SHAPES_GENERATION = {"resolution": [256, 256], "steps": 16, "guidance_scale": 3.5, "temperature": [2.0, 0.0], "evaluation": "shapes"}
 
 
 @dataclass(frozen=True)
